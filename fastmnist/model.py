@@ -1,0 +1,107 @@
+"""The network: built from ConvReLUBN blocks, no fully connected layer.
+
+The reference network of SPEC.md (12,650 parameters): five Conv3x3-ReLU-BN
+blocks, a 1x1 conv bottleneck, and a classifier head that is a 1x1 conv to 10
+channels followed by global average pooling.
+"""
+import copy
+
+import torch
+from torch import nn
+
+from fastmnist.layers import ConvReLUBN, resolve_impl
+
+# MNIST training-set pixel statistics; fixed buffers so a saved model needs
+# nothing but itself to classify a digit in [0, 1].
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean=MNIST_MEAN, std=MNIST_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def _reference_layers(impl, dropout):
+    def block(cin, cout):
+        return [ConvReLUBN(cin, cout, 3, impl=impl), nn.Dropout2d(dropout)]
+
+    return [
+        Normalize(),
+        *block(1, 16),  # 26x26
+        *block(16, 16),  # 24x24
+        *block(16, 32),  # 22x22
+        nn.Conv2d(32, 16, 1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),  # 11x11
+        *block(16, 16),  # 9x9
+        *block(16, 16),  # 7x7
+        nn.Conv2d(16, 10, 1),
+        nn.AvgPool2d(7),  # global average pooling: 10 logits
+        nn.Flatten(),
+    ]
+
+
+MODELS = {"default": _reference_layers}
+
+
+class FastMNISTNet(nn.Sequential):
+    """Images (N, 1, 28, 28) in [0, 1] -> logits (N, 10)."""
+
+    def fold(self) -> nn.Sequential:
+        return fold_bn_into_next_conv(self)
+
+
+def build_model(name="default", impl=None, dropout=0.05) -> FastMNISTNet:
+    """Build a network by name; impl is 'fused', 'stock' or None/'auto' (fused where built)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return FastMNISTNet(*MODELS[name](resolve_impl(impl), dropout))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def fold_bn_into_next_conv(model: nn.Sequential) -> nn.Sequential:
+    """An eval-only copy with every BN folded into the convolution after it.
+
+    In eval, BN is the per-channel affine map r -> s r + t with
+    s = gamma / sqrt(running_var + eps) and t = beta - running_mean * s.
+    The next convolution W, b then sees s r + t, so
+        W'[o, i, :, :] = W[o, i, :, :] s[i],    b'[o] = b[o] + sum_{i,u,v} W[o, i, u, v] t[i],
+    which is exact when that convolution has no padding (padding would feed it
+    zeros where the unfolded net sees t). Dropout is the identity in eval.
+    Each ConvReLUBN becomes a stock Conv2d + ReLU.
+    """
+    folded, pending = [], None  # pending: (s, t) of a BN waiting for its conv
+    for layer in copy.deepcopy(list(model)):
+        if isinstance(layer, nn.Dropout2d):
+            continue
+        conv = layer.conv if isinstance(layer, ConvReLUBN) else layer if isinstance(layer, nn.Conv2d) else None
+        if pending is not None:
+            if conv is None:
+                raise ValueError(f"cannot fold a BatchNorm into {type(layer).__name__}: a convolution must follow it")
+            if any(p != 0 for p in conv.padding):
+                raise ValueError(f"cannot fold a BatchNorm exactly into a padded convolution ({conv})")
+            s, t = pending
+            conv.bias.add_((conv.weight * t.view(1, -1, 1, 1)).sum(dim=(1, 2, 3)))
+            conv.weight.mul_(s.view(1, -1, 1, 1))
+            pending = None
+        if isinstance(layer, ConvReLUBN):
+            bn = layer.bn
+            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            pending = (s, bn.bias - bn.running_mean * s)
+            folded += [layer.conv, nn.ReLU()]
+        else:
+            folded.append(layer)
+    if pending is not None:
+        raise ValueError("the last BatchNorm has no convolution after it to fold into")
+    return nn.Sequential(*folded).eval()

@@ -1,0 +1,145 @@
+"""Python entry points of the fused operator, fastmnist::conv_relu_bn.
+
+The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda;
+this module registers what the dispatcher needs from Python (fake tensors for
+torch.compile, autograd through the registered backward op), updates the BN
+running statistics, and ships the pure-PyTorch reference of the op.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_IMPORT_ERROR: Optional[str] = None
+try:
+    import fastmnist._C  # noqa: F401  (its import registers torch.ops.fastmnist.*)
+except ImportError as exc:  # the package still works on the stock path
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def fused_available() -> bool:
+    """True when the compiled extension fastmnist._C is loaded."""
+    return _IMPORT_ERROR is None
+
+
+def fused_unavailable_reason() -> Optional[str]:
+    """Why the fused path is off, or None when it is on."""
+    if _IMPORT_ERROR is None:
+        return None
+    return (
+        "the fused operator is unavailable because the compiled extension fastmnist._C "
+        f"did not load ({_IMPORT_ERROR}). Reinstall with "
+        "`pip install --no-build-isolation .` and read the compiler's messages, "
+        "or use impl='stock' (--impl stock)."
+    )
+
+
+def require_fused() -> None:
+    """Raise one actionable error when the fused path is asked for and absent."""
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(fused_unavailable_reason())
+
+
+def conv_relu_bn(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    padding: int = 0,
+) -> Tensor:
+    """BatchNorm2d(ReLU(Conv2d(x))) with the fused kernels; differentiable.
+
+    In training, normalises with the batch statistics and updates running_mean
+    and running_var in place (running_var with the unbiased batch variance),
+    exactly as torch.nn.BatchNorm2d does; the caller counts num_batches_tracked.
+    """
+    require_fused()
+    y, _, mean, var = torch.ops.fastmnist.conv_relu_bn(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding
+    )
+    if training:
+        update_running_stats(running_mean, running_var, mean, var, momentum, count=y.numel() // y.shape[1])
+    return y
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, momentum: float, count: int
+) -> None:
+    """BatchNorm's update: r <- (1 - m) r + m s, with the unbiased variance n/(n-1) var."""
+    running_mean.mul_(1.0 - momentum).add_(mean.detach(), alpha=momentum)
+    running_var.mul_(1.0 - momentum).add_(var.detach(), alpha=momentum * count / (count - 1))
+
+
+def reference_conv_relu_bn(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    padding: int = 0,
+) -> Tensor:
+    """The op in stock PyTorch: the test oracle, same signature as conv_relu_bn."""
+    r = F.relu(F.conv2d(x, weight, bias, padding=padding))
+    return F.batch_norm(r, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+
+
+def _channels_last_like(x: Tensor, shape) -> Tensor:
+    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+
+
+def _out_shape(x: Tensor, weight: Tensor, padding: int) -> Tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    return (n, cout, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1)
+
+
+def _register() -> None:
+    forward_op = "fastmnist::conv_relu_bn"
+    backward_op = "fastmnist::conv_relu_bn_backward"
+
+    @torch.library.register_fake(forward_op)
+    def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding):
+        torch._check(x.dim() == 4, lambda: f"x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
+        y = _channels_last_like(x, _out_shape(x, weight, padding))
+        c = weight.shape[0]
+        return y, torch.empty_like(y), x.new_empty(c), x.new_empty(c)
+
+    @torch.library.register_fake(backward_op)
+    def _(grad_y, x, weight, relu_out, bn_weight, mean, var, training, eps, padding, compute_grad_x):
+        grad_x = _channels_last_like(x, x.shape) if compute_grad_x else x.new_empty(0)
+        c = weight.shape[0]
+        return grad_x, torch.empty_like(weight, memory_format=torch.contiguous_format), x.new_empty(c), x.new_empty(c), x.new_empty(c)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _, bn_weight, _, _, _, training, eps, padding = inputs
+        _, relu_out, mean, var = output
+        ctx.save_for_backward(x, weight, relu_out, bn_weight, mean, var)
+        ctx.training, ctx.eps, ctx.padding = training, eps, padding
+        ctx.mark_non_differentiable(relu_out, mean, var)
+
+    def backward(ctx, grad_y, _grad_relu_out, _grad_mean, _grad_var):
+        x, weight, relu_out, bn_weight, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grad_w, grad_b, grad_bn_w, grad_bn_b = torch.ops.fastmnist.conv_relu_bn_backward(
+            grad_y, x, weight, relu_out, bn_weight, mean, var, ctx.training, ctx.eps, ctx.padding, need[0]
+        )
+        return (grad_x if need[0] else None, grad_w, grad_b, grad_bn_w, grad_bn_b, None, None, None, None, None)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+if _IMPORT_ERROR is None:
+    _register()

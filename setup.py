@@ -1,0 +1,125 @@
+"""Build fastmnist and its fused-operator extension, fastmnist._C.
+
+One extension in the manner of pytorch/extension-cpp: csrc/*.cpp and
+csrc/cpu/*.cpp always, csrc/cuda/*.cu when CUDA is on. CUDA is decided from
+the toolkit and torch.version.cuda, never from torch.cuda.is_available(), so a
+GPU-less machine still compiles and links the CUDA sources.
+
+Environment switches:
+  FASTMNIST_CPU_ONLY=1   build the CPU kernels only
+  FORCE_CUDA=1           fail unless the CUDA kernels are built
+  DEBUG=1                -O0 -g instead of -O3
+  CUDA_HOME / CUDA_PATH  the CUDA toolkit (else found from nvcc, else /usr/local/cuda)
+  TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0" when no GPU is visible)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+import torch
+import torch.utils.cpp_extension as cpp_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _is_toolkit(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
+        os.path.isdir(os.path.join(path, "lib64")) or os.path.isdir(os.path.join(path, "lib"))
+    )
+
+
+def find_cuda_home():
+    """The real CUDA toolkit folder, or None.
+
+    torch guesses the toolkit as the grandparent of the first nvcc on PATH; on
+    machines where that nvcc is a wrapper script (/usr/local/bin/nvcc ->
+    exec /usr/local/cuda-13.0/bin/nvcc) the guess is /usr/local and the link
+    fails on -lcudart. So: CUDA_HOME/CUDA_PATH, then the folder of the real
+    nvcc (symlinks resolved, wrapper scripts read), then /usr/local/cuda.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _is_toolkit(os.environ.get(var)):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates = [os.path.realpath(nvcc)]
+        try:  # a wrapper script names the real nvcc in its exec line
+            with open(candidates[0], "r", errors="ignore") as f:
+                head = f.read(4096)
+            if head.startswith("#!"):
+                candidates += [w for w in head.split() if w.endswith("/nvcc")]
+        except OSError:
+            pass
+        for c in candidates:
+            home = os.path.dirname(os.path.dirname(os.path.realpath(c)))
+            if _is_toolkit(home):
+                return home
+    if _is_toolkit("/usr/local/cuda"):
+        return "/usr/local/cuda"
+    return None
+
+
+def build_config():
+    cpu_only = _flag("FASTMNIST_CPU_ONLY")
+    force_cuda = _flag("FORCE_CUDA")
+    cuda_home = None if cpu_only else find_cuda_home()
+    use_cuda = (not cpu_only) and torch.version.cuda is not None and cuda_home is not None
+    if force_cuda and not use_cuda:
+        sys.exit(
+            "fastmnist: FORCE_CUDA=1 but CUDA cannot be built "
+            f"(torch.version.cuda={torch.version.cuda!r}, toolkit={cuda_home!r}, "
+            f"FASTMNIST_CPU_ONLY={os.environ.get('FASTMNIST_CPU_ONLY', '0')}). "
+            "Install a CUDA build of torch and the CUDA toolkit, or set CUDA_HOME."
+        )
+    return use_cuda, cuda_home
+
+
+def make_extension(use_cuda, cuda_home):
+    debug = _flag("DEBUG")
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # No -march: the same wheel must run on any x86-64 CPU. The hot GEMMs go
+    # through torch's BLAS, which picks AVX2/AVX-512 at run time.
+    cxx += ["-fopenmp"]  # py_limited_api=True below defines Py_LIMITED_API
+    extra = {"cxx": cxx}
+    if use_cuda:
+        # Point torch's build helpers at the real toolkit before they use it.
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_ext.CUDA_HOME = cuda_home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"])
+        ext_cls = cpp_ext.CUDAExtension
+    else:
+        ext_cls = cpp_ext.CppExtension
+    print(
+        "fastmnist build: "
+        f"{'CUDA + CPU' if use_cuda else 'CPU only'} | torch {torch.__version__} "
+        f"(cuda {torch.version.cuda}) | CUDA_HOME={cuda_home} | "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')} | "
+        f"debug={debug} | sources={sources}",
+        flush=True,
+    )
+    return ext_cls(
+        "fastmnist._C",
+        sources,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+
+
+use_cuda, cuda_home = build_config()
+setup(
+    ext_modules=[make_extension(use_cuda, cuda_home)],
+    cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
