@@ -1,0 +1,128 @@
+"""Saving and loading runs: atomic writes, training state, saved models.
+
+Every file is written to a temporary name in the same folder and renamed
+into place, so a crash or a kill mid-write never leaves a broken file.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastmnist.layers import default_impl
+from fastmnist.model import build_model
+
+STATE_FILE = "checkpoint.pt"  # resumable training state, rewritten after every epoch
+RUN_FILES = (STATE_FILE, "metrics.json", "model.pt")
+MODEL_FORMAT = "fastmnist-model-v1"
+
+
+class CheckpointError(Exception):
+    """A missing, corrupt or foreign checkpoint, with the remedy in its message."""
+
+
+class RunExistsError(Exception):
+    """--out already holds a run and neither --resume nor --overwrite was given."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def torch_save_atomic(obj, path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(path, obj) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Create out; refuse one that holds a run unless overwrite; fail early if unwritable."""
+    out = Path(out)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise RunExistsError(
+            f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise RunExistsError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    for name in existing:
+        (out / name).unlink()
+
+
+def get_rng_states(aug_gen: torch.Generator, device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict, aug_gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    aug_gen.set_state(states["augment"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def save_training_state(out: Path, state: dict) -> None:
+    torch_save_atomic(state, Path(out) / STATE_FILE)
+
+
+def _load(path: Path, what: str, remedy: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such {what}; {remedy}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file: report one line
+        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {remedy}") from None
+
+
+def load_training_state(out: Path) -> dict:
+    state = _load(Path(out) / STATE_FILE, "training checkpoint",
+                  "--resume needs the folder of a run started by `fastmnist train --out DIR`")
+    missing = {"config", "model", "optimizer", "scheduler", "rng", "history", "epoch", "step", "sums"} - set(state)
+    if missing:
+        raise CheckpointError(f"{Path(out) / STATE_FILE}: not a fastmnist training checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def save_model(path: Path, model: torch.nn.Module, model_kwargs: dict) -> None:
+    torch_save_atomic({"format": MODEL_FORMAT, "state_dict": model.state_dict(), "model_kwargs": model_kwargs}, path)
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, model_kwargs) from a model.pt written by fastmnist train."""
+    path = Path(path)
+    ckpt = _load(path, "model checkpoint", "pass the model.pt that `fastmnist train` wrote")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_kwargs" not in ckpt:
+        raise CheckpointError(f"{path}: not a fastmnist model checkpoint (expected a dict with state_dict and model_kwargs)")
+    kwargs = dict(ckpt["model_kwargs"])
+    # The weights are the same for both impls: use what this install has.
+    kwargs["impl"] = default_impl()
+    try:
+        model = build_model(**kwargs)
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path}: does not fit the model it names ({str(exc).splitlines()[0][:200]}); "
+            "was it saved by another version or for another model?"
+        ) from None
+    return model.to(device, memory_format=torch.channels_last).eval(), ckpt["model_kwargs"]
