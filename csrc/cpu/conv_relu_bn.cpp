@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -70,25 +71,47 @@ at::Tensor weight_as_matrix(const at::Tensor& weight) {
   return weight.permute({0, 2, 3, 1}).contiguous().view({weight.size(0), -1});
 }
 
+// Calls fn(std::integral_constant<int64_t, N>) with N = channels for the
+// channel counts this network uses, else N = 0 (meaning "read it at run time"),
+// so the per-pixel channel loops below compile to straight vector moves.
+template <typename Fn>
+void dispatch_channels(int64_t channels, const Fn& fn) {
+  switch (channels) {
+    case 1: return fn(std::integral_constant<int64_t, 1>{});
+    case 16: return fn(std::integral_constant<int64_t, 16>{});
+    case 32: return fn(std::integral_constant<int64_t, 32>{});
+    default: return fn(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 // col[p, (ky * KW + kx) * Cin + ci] = x[iy, ix, ci] (zero outside the image)
-// for the images [0, count) starting at x_nhwc; rows are image-major.
-template <typename scalar_t>
-void im2col(const scalar_t* x, int64_t count, const ConvGeometry& g, scalar_t* col) {
-  const int64_t K = g.patch();
+// for `count` images starting at x; rows are image-major. For a fixed output
+// row and tap (ky, kx), consecutive output pixels read consecutive input
+// pixels, so the inner loop is a strided run of Cin-wide copies with no
+// bounds checks; only the padded border columns are special.
+template <typename scalar_t, int64_t CIN>
+void im2col_impl(const scalar_t* __restrict__ x, int64_t count, const ConvGeometry& g, scalar_t* __restrict__ col) {
+  const int64_t cin = CIN > 0 ? CIN : g.cin;
+  const int64_t K = g.kh * g.kw * cin;
   for (int64_t b = 0; b < count; ++b) {
-    const scalar_t* img = x + b * g.h * g.w * g.cin;
+    const scalar_t* img = x + b * g.h * g.w * cin;
     for (int64_t oy = 0; oy < g.hout; ++oy) {
-      for (int64_t ox = 0; ox < g.wout; ++ox) {
-        scalar_t* row = col + ((b * g.hout + oy) * g.wout + ox) * K;
-        for (int64_t ky = 0; ky < g.kh; ++ky) {
-          const int64_t iy = oy + ky - g.pad;
-          for (int64_t kx = 0; kx < g.kw; ++kx) {
-            const int64_t ix = ox + kx - g.pad;
-            scalar_t* dst = row + (ky * g.kw + kx) * g.cin;
-            if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) {
-              std::fill(dst, dst + g.cin, scalar_t(0));
+      scalar_t* rows = col + (b * g.hout + oy) * g.wout * K;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = oy + ky - g.pad;
+        const bool row_inside = iy >= 0 && iy < g.h;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          scalar_t* dst = rows + (ky * g.kw + kx) * cin;
+          // output columns [lo, hi) read input columns inside the image
+          const int64_t lo = std::max<int64_t>(0, g.pad - kx);
+          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad - kx);
+          for (int64_t ox = 0; ox < g.wout; ++ox) {
+            scalar_t* d = dst + ox * K;
+            if (row_inside && ox >= lo && ox < hi) {
+              const scalar_t* s = img + (iy * g.w + ox + kx - g.pad) * cin;
+              for (int64_t c = 0; c < cin; ++c) d[c] = s[c];
             } else {
-              std::copy_n(img + (iy * g.w + ix) * g.cin, g.cin, dst);
+              for (int64_t c = 0; c < cin; ++c) d[c] = scalar_t(0);
             }
           }
         }
@@ -97,30 +120,43 @@ void im2col(const scalar_t* x, int64_t count, const ConvGeometry& g, scalar_t* c
   }
 }
 
-// The adjoint of im2col: dx[iy, ix, ci] += dcol[p, (ky * KW + kx) * Cin + ci].
-template <typename scalar_t>
-void col2im(const scalar_t* dcol, int64_t count, const ConvGeometry& g, scalar_t* dx) {
-  const int64_t K = g.patch();
-  std::fill(dx, dx + count * g.h * g.w * g.cin, scalar_t(0));
+// The adjoint of im2col: dx[iy, ix, ci] = sum of dcol[p, (ky * KW + kx) * Cin + ci]
+// over the (p, ky, kx) that read (iy, ix). Same loop order as im2col_impl.
+template <typename scalar_t, int64_t CIN>
+void col2im_impl(const scalar_t* __restrict__ dcol, int64_t count, const ConvGeometry& g, scalar_t* __restrict__ dx) {
+  const int64_t cin = CIN > 0 ? CIN : g.cin;
+  const int64_t K = g.kh * g.kw * cin;
+  std::fill(dx, dx + count * g.h * g.w * cin, scalar_t(0));
   for (int64_t b = 0; b < count; ++b) {
-    scalar_t* img = dx + b * g.h * g.w * g.cin;
+    scalar_t* img = dx + b * g.h * g.w * cin;
     for (int64_t oy = 0; oy < g.hout; ++oy) {
-      for (int64_t ox = 0; ox < g.wout; ++ox) {
-        const scalar_t* row = dcol + ((b * g.hout + oy) * g.wout + ox) * K;
-        for (int64_t ky = 0; ky < g.kh; ++ky) {
-          const int64_t iy = oy + ky - g.pad;
-          if (iy < 0 || iy >= g.h) continue;
-          for (int64_t kx = 0; kx < g.kw; ++kx) {
-            const int64_t ix = ox + kx - g.pad;
-            if (ix < 0 || ix >= g.w) continue;
-            scalar_t* dst = img + (iy * g.w + ix) * g.cin;
-            const scalar_t* src = row + (ky * g.kw + kx) * g.cin;
-            for (int64_t c = 0; c < g.cin; ++c) dst[c] += src[c];
+      const scalar_t* rows = dcol + (b * g.hout + oy) * g.wout * K;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = oy + ky - g.pad;
+        if (iy < 0 || iy >= g.h) continue;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const scalar_t* src = rows + (ky * g.kw + kx) * cin;
+          const int64_t lo = std::max<int64_t>(0, g.pad - kx);
+          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad - kx);
+          scalar_t* dst = img + (iy * g.w + lo + kx - g.pad) * cin;
+          for (int64_t ox = lo; ox < hi; ++ox, dst += cin) {
+            const scalar_t* s = src + ox * K;
+            for (int64_t c = 0; c < cin; ++c) dst[c] += s[c];
           }
         }
       }
     }
   }
+}
+
+template <typename scalar_t>
+void im2col(const scalar_t* x, int64_t count, const ConvGeometry& g, scalar_t* col) {
+  dispatch_channels(g.cin, [&](auto CIN) { im2col_impl<scalar_t, decltype(CIN)::value>(x, count, g, col); });
+}
+
+template <typename scalar_t>
+void col2im(const scalar_t* dcol, int64_t count, const ConvGeometry& g, scalar_t* dx) {
+  dispatch_channels(g.cin, [&](auto CIN) { col2im_impl<scalar_t, decltype(CIN)::value>(dcol, count, g, dx); });
 }
 
 // A (rows, cols) matrix view of raw memory, for at::mm_out.
@@ -138,6 +174,55 @@ void for_each_chunk(const ConvGeometry& g, int64_t chunk, const Fn& fn) {
       const int64_t first = c * chunk;
       fn(first, std::min(chunk, g.n - first), thread);
     }
+  });
+}
+
+// Rows are summed in blocks of this many in scalar_t, then added into double
+// accumulators: vectorisable, and the float rounding error stays that of a
+// 64-term sum.
+constexpr int64_t kRowBlock = 64;
+
+// r = max(z + bias, 0) in place over rows x C, then either the per-channel
+// sum and sum of squares of r (training) or y = r * scale + shift (eval).
+// CO > 0 fixes the channel count at compile time (see dispatch_channels).
+template <typename scalar_t, int64_t CO>
+void relu_epilogue_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ bias, int64_t rows,
+                        int64_t channels, bool training, double* __restrict__ sum, double* __restrict__ sumsq,
+                        const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
+                        scalar_t* __restrict__ y, scalar_t* __restrict__ bs, scalar_t* __restrict__ bq) {
+  const int64_t C = CO > 0 ? CO : channels;
+  for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock) {
+    const int64_t i1 = std::min(rows, i0 + kRowBlock);
+    for (int64_t c = 0; c < C; ++c) bs[c] = bq[c] = scalar_t(0);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t v = z[i * C + c] + bias[c];
+        const scalar_t r = v > scalar_t(0) ? v : scalar_t(0);
+        z[i * C + c] = r;
+        if (training) {
+          bs[c] += r;
+          bq[c] += r * r;
+        } else {
+          y[i * C + c] = r * scale[c] + shift[c];
+        }
+      }
+    }
+    if (training) {
+      for (int64_t c = 0; c < C; ++c) {
+        sum[c] += bs[c];
+        sumsq[c] += bq[c];
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void relu_epilogue(scalar_t* z, const scalar_t* bias, int64_t rows, int64_t channels, bool training, double* sum,
+                   double* sumsq, const scalar_t* scale, const scalar_t* shift, scalar_t* y) {
+  std::vector<scalar_t> acc(2 * channels);
+  dispatch_channels(channels, [&](auto CO) {
+    relu_epilogue_impl<scalar_t, decltype(CO)::value>(z, bias, rows, channels, training, sum, sumsq, scale, shift,
+                                                      y, acc.data(), acc.data() + channels);
   });
 }
 
@@ -199,22 +284,8 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& wmat, co
       im2col(x_ptr + first * g.h * g.w * g.cin, count, g, col.data());
       at::mm_out(z_mat, as_matrix(col.data(), rows, K, opts), wmat_t);
     }
-    double* sum = partial_sum.data() + thread * C;
-    double* sumsq = partial_sumsq.data() + thread * C;
-    scalar_t* y_rows = y_ptr + first * P * C;
-    for (int64_t i = 0; i < rows; ++i) {
-      scalar_t* zr = z + i * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t r = std::max(zr[c] + b_ptr[c], scalar_t(0));
-        zr[c] = r;
-        if (training) {
-          sum[c] += r;
-          sumsq[c] += static_cast<double>(r) * r;
-        } else {
-          y_rows[i * C + c] = r * scale[c] + shift[c];
-        }
-      }
-    }
+    relu_epilogue<scalar_t>(z, b_ptr, rows, C, training, partial_sum.data() + thread * C,
+                            partial_sumsq.data() + thread * C, scale.data(), shift.data(), y_ptr + first * P * C);
   });
   if (!training) return;
 
@@ -233,12 +304,17 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& wmat, co
     var_ptr[c] = static_cast<scalar_t>(v64[c]);
   }
   set_affine(m64.data(), v64.data());
-  at::parallel_for(0, g.n * P, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* rr = r_ptr + i * C;
-      scalar_t* yr = y_ptr + i * C;
-      for (int64_t c = 0; c < C; ++c) yr[c] = rr[c] * scale[c] + shift[c];
-    }
+  const scalar_t* __restrict__ sc = scale.data();
+  const scalar_t* __restrict__ sh = shift.data();
+  dispatch_channels(C, [&](auto CO) {
+    const int64_t Cc = CO ? int64_t(CO) : C;
+    at::parallel_for(0, g.n * P, 2048, [&](int64_t begin, int64_t end) {
+      const scalar_t* __restrict__ rr = r_ptr + begin * Cc;
+      scalar_t* __restrict__ yr = y_ptr + begin * Cc;
+      for (int64_t i = 0; i < end - begin; ++i) {
+        for (int64_t c = 0; c < Cc; ++c) yr[i * Cc + c] = rr[i * Cc + c] * sc[c] + sh[c];
+      }
+    });
   });
 }
 
@@ -274,25 +350,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_forward(
   return {y, relu_out, mean, var};
 }
 
+// sum_dy[c] += sum of dy and sum_dy_r[c] += sum of dy * r over rows x C.
+template <typename scalar_t, int64_t CO>
+void bn_grad_sums_impl(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r, int64_t rows,
+                       int64_t channels, double* __restrict__ sum_dy, double* __restrict__ sum_dy_r,
+                       scalar_t* __restrict__ bs, scalar_t* __restrict__ br) {
+  const int64_t C = CO > 0 ? CO : channels;
+  for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock) {
+    const int64_t i1 = std::min(rows, i0 + kRowBlock);
+    for (int64_t c = 0; c < C; ++c) bs[c] = br[c] = scalar_t(0);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t c = 0; c < C; ++c) {
+        bs[c] += dy[i * C + c];
+        br[c] += dy[i * C + c] * r[i * C + c];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy[c] += bs[c];
+      sum_dy_r[c] += br[c];
+    }
+  }
+}
+
 // Per-channel reductions the BN backward needs, with xhat = (r - mean) * invstd:
 //   sum_dy[c] = sum dy,   sum_dy_xhat[c] = sum dy * xhat
 // (grad of beta and gamma respectively).
 template <typename scalar_t>
-void bn_grad_sums_kernel(const scalar_t* dy, const scalar_t* r, const std::vector<double>& mean,
+void bn_grad_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r, const std::vector<double>& mean,
                          const std::vector<double>& invstd, int64_t rows, int64_t C, std::vector<double>& sum_dy,
                          std::vector<double>& sum_dy_xhat) {
   const int threads = at::get_num_threads();
   std::vector<double> p_dy(threads * C, 0.0), p_dyr(threads * C, 0.0);
   at::parallel_for(0, rows, 2048, [&](int64_t begin, int64_t end) {
-    double* s = p_dy.data() + at::get_thread_num() * C;
-    double* sr = p_dyr.data() + at::get_thread_num() * C;
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        const double d = dy[i * C + c];
-        s[c] += d;
-        sr[c] += d * r[i * C + c];
-      }
-    }
+    const int64_t t = at::get_thread_num();
+    std::vector<scalar_t> acc(2 * C);
+    dispatch_channels(C, [&](auto CO) {
+      bn_grad_sums_impl<scalar_t, decltype(CO)::value>(dy + begin * C, r + begin * C, end - begin, C,
+                                                       p_dy.data() + t * C, p_dyr.data() + t * C, acc.data(),
+                                                       acc.data() + C);
+    });
   });
   for (int64_t c = 0; c < C; ++c) {
     double s = 0.0, sr = 0.0;
@@ -304,6 +400,39 @@ void bn_grad_sums_kernel(const scalar_t* dy, const scalar_t* r, const std::vecto
     // sum dy (r - mean) invstd = (sum dy r - mean sum dy) invstd
     sum_dy_xhat[c] = (sr - mean[c] * s) * invstd[c];
   }
+}
+
+// dz = (a[c] dy + b[c] r + d[c]) where r > 0, else 0, over rows x C; also
+// accumulates grad_bias[c] += sum of dz. CO as in relu_epilogue_impl.
+template <typename scalar_t, int64_t CO>
+void relu_bn_grad_impl(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r,
+                       const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                       const scalar_t* __restrict__ d, int64_t rows, int64_t channels, scalar_t* __restrict__ dz,
+                       double* __restrict__ grad_bias, scalar_t* __restrict__ bs) {
+  const int64_t C = CO > 0 ? CO : channels;
+  for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock) {
+    const int64_t i1 = std::min(rows, i0 + kRowBlock);
+    for (int64_t c = 0; c < C; ++c) bs[c] = scalar_t(0);
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t rv = r[i * C + c];
+        const scalar_t g = a[c] * dy[i * C + c] + b[c] * rv + d[c];
+        const scalar_t v = rv > scalar_t(0) ? g : scalar_t(0);
+        dz[i * C + c] = v;
+        bs[c] += v;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) grad_bias[c] += bs[c];
+  }
+}
+
+template <typename scalar_t>
+void relu_bn_grad(const scalar_t* dy, const scalar_t* r, const scalar_t* a, const scalar_t* b, const scalar_t* d,
+                  int64_t rows, int64_t channels, scalar_t* dz, double* grad_bias) {
+  std::vector<scalar_t> acc(channels);
+  dispatch_channels(channels, [&](auto CO) {
+    relu_bn_grad_impl<scalar_t, decltype(CO)::value>(dy, r, a, b, d, rows, channels, dz, grad_bias, acc.data());
+  });
 }
 
 // Backward, with M values per channel, invstd = 1 / sqrt(var + eps) and
@@ -364,17 +493,8 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     const int64_t rows = count * P;
     auto& dz = dz_buffers[thread];
     dz.resize(rows * C);
-    double* gb = partial_grad_b[thread].data();
-    const scalar_t* dy_rows = dy + first * P * C;
-    const scalar_t* r_rows = r + first * P * C;
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t rv = r_rows[i * C + c];
-        const scalar_t v = rv > scalar_t(0) ? a[c] * dy_rows[i * C + c] + b[c] * rv + d[c] : scalar_t(0);
-        dz[i * C + c] = v;
-        gb[c] += v;
-      }
-    }
+    relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(), rows, C, dz.data(),
+                           partial_grad_b[thread].data());
     at::Tensor dz_mat = as_matrix(dz.data(), rows, C, opts);
     at::Tensor col_mat;
     const scalar_t* x_chunk = x_ptr + first * g.h * g.w * g.cin;
