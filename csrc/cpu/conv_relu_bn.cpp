@@ -180,7 +180,7 @@ void for_each_chunk(const ConvGeometry& g, int64_t chunk, const Fn& fn) {
 // Rows are summed in blocks of this many in scalar_t, then added into double
 // accumulators: vectorisable, and the float rounding error stays that of a
 // 64-term sum.
-constexpr int64_t kRowBlock = 64;
+constexpr int64_t kRowBlock = 8;
 
 // r = max(z + bias, 0) in place over rows x C, then either the per-channel
 // sum and sum of squares of r (training) or y = r * scale + shift (eval).
@@ -484,6 +484,7 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
 
   const int64_t chunk = g.images_per_chunk(sizeof(scalar_t));
   std::vector<at::Tensor> partial_grad_w(threads);
+  std::vector<double> grad_w_acc(threads * C * K, 0.0);
   std::vector<std::vector<double>> partial_grad_b(threads, std::vector<double>(C, 0.0));
   std::vector<std::vector<scalar_t>> dz_buffers(threads), col_buffers(threads);
   scalar_t* dx_ptr = compute_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
@@ -506,12 +507,15 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
       im2col(x_chunk, count, g, col.data());
       col_mat = as_matrix(col.data(), rows, K, opts);
     }
+    // Each chunk's weight gradient is summed over its few hundred rows in the
+    // GEMM, then across chunks in double: a float running sum over the whole
+    // batch would lose digits to cancellation.
     at::Tensor& gw = partial_grad_w[thread];
-    if (!gw.defined()) {
-      gw = at::mm(dz_mat.t(), col_mat);
-    } else {
-      gw.addmm_(dz_mat.t(), col_mat);
-    }
+    if (!gw.defined()) gw = at::empty({C, K}, opts);
+    at::mm_out(gw, dz_mat.t(), col_mat);
+    const scalar_t* gw_ptr = gw.const_data_ptr<scalar_t>();
+    double* acc = grad_w_acc.data() + thread * C * K;
+    for (int64_t i = 0; i < C * K; ++i) acc[i] += gw_ptr[i];
     if (compute_grad_x) {
       scalar_t* dx_chunk = dx_ptr + first * g.h * g.w * g.cin;
       if (g.is_pointwise()) {
@@ -524,9 +528,11 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     }
   });
 
-  grad_wmat.zero_();
-  for (int t = 0; t < threads; ++t) {
-    if (partial_grad_w[t].defined()) grad_wmat.add_(partial_grad_w[t]);
+  scalar_t* gwm = grad_wmat.mutable_data_ptr<scalar_t>();
+  for (int64_t i = 0; i < C * K; ++i) {
+    double v = 0.0;
+    for (int t = 0; t < threads; ++t) v += grad_w_acc[t * C * K + i];
+    gwm[i] = static_cast<scalar_t>(v);
   }
   scalar_t* gbias = grad_bias.mutable_data_ptr<scalar_t>();
   for (int64_t c = 0; c < C; ++c) {

