@@ -1,0 +1,133 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmnist.cli import main
+
+TINY = ["--epochs", "1", "--limit-train", "1024", "--limit-test", "300", "--no-progress"]
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "fastmnist.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_help_explains_every_command():
+    result = run_cli("--help")
+    assert result.returncode == 0 and all(c in result.stdout for c in ("train", "eval", "predict"))
+    result = run_cli("train", "--help")
+    for flag in ("--epochs", "--batch-size", "--lr", "--seed", "--impl", "--device", "--data-dir", "--out", "--resume"):
+        assert flag in result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained_run(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli("train", *TINY, "--data-dir", mnist_dir, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_train_end_to_end_writes_metrics_and_model(trained_run):
+    out, result = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"config", "epochs", "final_test_acc", "parameters", "torch_version", "device"} <= set(metrics)
+    assert metrics["epochs"][0]["test_acc"] == metrics["final_test_acc"]
+    assert "epoch  1/1" in result.stdout and "test acc" in result.stdout
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    from fastmnist.model import build_model
+
+    build_model(**ckpt["model_kwargs"]).load_state_dict(ckpt["state_dict"])
+
+
+def test_eval_prints_the_saved_models_accuracy(trained_run, mnist_dir):
+    out, _ = trained_run
+    result = run_cli("eval", "--checkpoint", str(out / "model.pt"), "--data-dir", mnist_dir)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--batch-size", "-3"], "--batch-size"),
+        (["train", "--lr", "nan"], "--lr"),
+        (["train", "--lr", "abc"], "--lr"),
+        (["train", "--impl", "turbo"], "--impl"),
+    ],
+)
+def test_out_of_range_flags_are_argparse_errors(args, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def one_line_error(result):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastmnist: error:"), result.stderr
+    return lines[0]
+
+
+def test_missing_checkpoint(tmp_path):
+    assert "no such model checkpoint" in one_line_error(run_cli("eval", "--checkpoint", str(tmp_path / "nope.pt")))
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert "not a readable model checkpoint" in one_line_error(run_cli("eval", "--checkpoint", str(bad)))
+
+
+def test_checkpoint_of_another_model(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {"0.weight": torch.zeros(3)}, "model_kwargs": {"name": "default"}}, path)
+    assert "does not fit the model" in one_line_error(run_cli("eval", "--checkpoint", str(path)))
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "eval", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_existing_run_is_refused_without_overwrite(trained_run, mnist_dir):
+    out, _ = trained_run
+    line = one_line_error(run_cli("train", *TINY, "--data-dir", mnist_dir, "--out", str(out)))
+    assert "--resume" in line and "--overwrite" in line
+
+
+def test_unwritable_out(tmp_path, mnist_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "cannot write to --out" in one_line_error(run_cli("train", *TINY, "--data-dir", mnist_dir, "--out", str(blocker / "run")))
+
+
+def test_resume_of_a_folder_without_a_run(tmp_path):
+    assert "no such training checkpoint" in one_line_error(run_cli("train", "--resume", str(tmp_path)))
+
+
+def test_sigterm_saves_and_prints_the_resume_command(tmp_path, mnist_dir):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONUNBUFFERED": "1"}
+    args = ["train", "--epochs", "3", "--limit-train", "4096", "--limit-test", "300", "--no-progress",
+            "--data-dir", mnist_dir, "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastmnist.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:  # wait until the first epoch is done, then stop it mid-run
+        if line.startswith("epoch  1/3"):
+            proc.send_signal(__import__("signal").SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"Resume with: fastmnist train --resume {out}" in err
+    resumed = run_cli("train", "--resume", str(out), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3

@@ -1,0 +1,121 @@
+import gzip
+import hashlib
+
+import pytest
+import torch
+
+from fastmnist import data
+from fastmnist.data import FILES, MNISTDataError, load_mnist, locate_files, parse_idx, random_affine, read_idx
+
+
+def idx_bytes(tensor: torch.Tensor) -> bytes:
+    header = bytes([0, 0, 8, tensor.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in tensor.shape)
+    return header + tensor.to(torch.uint8).numpy().tobytes()
+
+
+def test_parse_idx_round_trip():
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (5,), dtype=torch.uint8)
+    assert torch.equal(parse_idx(idx_bytes(images)), images)
+    assert torch.equal(parse_idx(idx_bytes(labels)), labels)
+
+
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (b"\x00\x00", "truncated IDX header"),
+        (b"\x00\x00\x0d\x03" + b"\x00" * 12, "wrong magic"),
+        (b"\x12\x34\x08\x01" + b"\x00" * 4, "wrong magic"),
+        (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
+        (bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x01" * 9, "truncated or corrupt"),
+        (bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x01" * 11, "truncated or corrupt"),
+        (bytes([0, 0, 8, 3]) + b"\xff" * 12 + b"\x00" * 10, "truncated or corrupt"),
+    ],
+    ids=["short", "type", "magic", "dims", "truncated", "oversized", "huge_dims"],
+)
+def test_parse_idx_rejects_bad_files(blob, message):
+    with pytest.raises(MNISTDataError, match=message):
+        parse_idx(blob, "bad-file")
+
+
+def write_fake_mnist(folder, gz=False, layout=""):
+    """Four small IDX files under the real names; md5 checks are patched to them."""
+    target = folder / layout
+    target.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for name in FILES:
+        n = 60 if name.startswith("train") else 10
+        t = torch.randint(0, 256, (n, 28, 28)) if "images" in name else torch.arange(n) % 10
+        blob = idx_bytes(t)
+        sums[name] = (hashlib.md5(blob).hexdigest(), tuple(t.shape))
+        (target / (name + (".gz" if gz else ""))).write_bytes(gzip.compress(blob) if gz else blob)
+    return sums
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+@pytest.mark.parametrize("layout", ["", "MNIST/raw"], ids=["flat", "torchvision"])
+def test_load_finds_raw_or_gzipped_files_in_either_layout(tmp_path, monkeypatch, gz, layout):
+    monkeypatch.setattr(data, "FILES", write_fake_mnist(tmp_path, gz, layout))
+    mnist = load_mnist(tmp_path, download=False, log=lambda *_: None)
+    assert mnist.train_images.shape == (60, 28, 28) and mnist.train_images.dtype == torch.uint8
+    assert mnist.test_labels.dtype == torch.int64 and mnist.test_labels.tolist() == list(range(10))
+
+
+def test_search_order_data_dir_then_env_then_cache(tmp_path, monkeypatch):
+    explicit, env, cache = tmp_path / "explicit", tmp_path / "env", tmp_path / "cache"
+    monkeypatch.setenv("FASTMNIST_DATA", str(env))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert data.candidate_dirs(explicit) == [explicit, env, cache / "fastmnist" / "mnist"]
+    monkeypatch.setattr(data, "FILES", write_fake_mnist(env))
+    assert "env" in load_mnist(explicit, download=False, log=lambda *_: None).source
+
+
+def test_checksum_mismatch_names_the_file_and_the_remedy(tmp_path, monkeypatch):
+    sums = write_fake_mnist(tmp_path)
+    name = "t10k-labels-idx1-ubyte"
+    sums[name] = ("0" * 32, sums[name][1])
+    monkeypatch.setattr(data, "FILES", sums)
+    with pytest.raises(MNISTDataError, match=rf"{name}: md5 .* delete the file"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_truncated_real_name_file_is_reported(tmp_path, monkeypatch):
+    sums = write_fake_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(MNISTDataError, match="train-images-idx3-ubyte: md5"):
+        read_idx(path, sums["train-images-idx3-ubyte"][0])
+    with pytest.raises(MNISTDataError, match="truncated or corrupt"):
+        read_idx(path)
+
+
+def test_corrupt_gzip_is_reported(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(MNISTDataError, match="cannot read"):
+        read_idx(path)
+
+
+def test_missing_files_without_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTMNIST_DATA", raising=False)
+    assert locate_files(tmp_path) is None
+    with pytest.raises(MNISTDataError, match="not found"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_real_mnist_checksums_and_class_counts(mnist_dir):
+    mnist = load_mnist(mnist_dir, download=False, log=lambda *_: None)
+    assert torch.bincount(mnist.train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert torch.bincount(mnist.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_random_affine_is_batched_seeded_and_bounded():
+    x = torch.zeros(4, 1, 28, 28)
+    x[:, :, 10:18, 12:16] = 1.0
+    a = random_affine(x, torch.Generator().manual_seed(0))
+    b = random_affine(x, torch.Generator().manual_seed(0))
+    c = random_affine(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    assert abs(a.sum().item() - x.sum().item()) / x.sum().item() < 0.25  # a small transform, not a new image
