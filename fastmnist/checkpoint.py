@@ -98,7 +98,7 @@ def _load(path: Path, what: str, remedy: str) -> dict:
 def load_training_state(out: Path) -> dict:
     state = _load(Path(out) / STATE_FILE, "training checkpoint",
                   "--resume needs the folder of a run started by `fastmnist train --out DIR`")
-    missing = {"config", "model", "optimizer", "scheduler", "rng", "history", "epoch", "step", "sums"} - set(state)
+    missing = {"config", "model", "optimizer", "scheduler", "rng", "history", "epoch", "step", "sums", "seen"} - set(state)
     if missing:
         raise CheckpointError(f"{Path(out) / STATE_FILE}: not a fastmnist training checkpoint (missing {sorted(missing)})")
     return state

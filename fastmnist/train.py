@@ -145,14 +145,15 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     )
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history, epoch, step = [], 0, 0
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: on the device, no sync
+    seen = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_states(state["rng"], aug_gen, device)
         history, epoch, step = state["history"], state["epoch"], state["step"]
-        sums = state["sums"].to(device)
+        sums, seen = state["sums"].to(device), state["seen"]
         log(f"fastmnist: resuming {out} at epoch {epoch + 1}, step {step}/{steps_per_epoch}")
 
     n_params = count_parameters(model)
@@ -163,7 +164,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
         checkpoint.save_training_state(out, {
             "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": checkpoint.get_rng_states(aug_gen, device),
-            "history": history, "epoch": epoch, "step": step, "sums": sums.cpu(), "kind": kind,
+            "history": history, "epoch": epoch, "step": step, "sums": sums.cpu(), "seen": seen, "kind": kind,
         })
 
     with StopFlag() as stop:
@@ -192,8 +193,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
                 with torch.no_grad():
                     finite = torch.isfinite(loss)
                     bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
-                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                         torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
+                seen += len(y)
                 if step % 25 == 24 or step == steps_per_epoch - 1:  # one host sync every 25 steps
                     s = sums.tolist()
                     if int(bad_step) >= 0:
@@ -201,8 +202,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
                             f"loss became non-finite at epoch {epoch + 1}, step {int(bad_step) + 1}; training stopped "
                             f"and the last good checkpoint in {out} was kept. Try a lower --lr."
                         )
-                    bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{s[1] / s[2]:.4f}",
-                                    img_s=f"{s[2] / (time.perf_counter() - t0 + 1e-9):.0f}")
+                    bar.set_postfix(loss=f"{s[0] / seen:.4f}", acc=f"{s[1] / seen:.4f}",
+                                    img_s=f"{seen / (time.perf_counter() - t0 + 1e-9):.0f}")
             else:
                 step = steps_per_epoch
             bar.close()
@@ -216,13 +217,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
             s = sums.tolist()
             test_loss, test_acc = evaluate(model, test_x, test_y, cfg.eval_batch_size, memory_format)
             record = {
-                "epoch": epoch + 1, "train_loss": s[0] / s[2], "train_acc": s[1] / s[2], "test_loss": test_loss,
+                "epoch": epoch + 1, "train_loss": s[0] / seen, "train_acc": s[1] / seen, "test_loss": test_loss,
                 "test_acc": test_acc, "epoch_seconds": train_seconds, "lr_end": scheduler.get_last_lr()[0],
             }
             history.append(record)
             log(f"epoch {epoch + 1:2d}/{cfg.epochs}  train loss {record['train_loss']:.4f}  "
                 f"test loss {test_loss:.4f}  test acc {100 * test_acc:.2f}%  {train_seconds:.1f}s")
-            epoch, step = epoch + 1, 0
+            epoch, step, seen = epoch + 1, 0, 0
             sums.zero_()
             save("epoch")
 

@@ -1,0 +1,160 @@
+"""Time training steps of the default model: stock eager (NCHW), stock
+channels_last, torch.compile and our fused operator, interleaved in one process
+on the same batches. Reports the median step time, the epoch time it implies
+(469 steps of 128) and each variant's ratio to stock eager; writes JSON under
+benchmarks/results/ (or $OUT).
+
+    python benchmarks/epoch_time.py [--device cpu|cuda] [--rounds 12] [--steps 10]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastmnist import ops
+from fastmnist.data import load_mnist, random_affine, to_float_images
+from fastmnist.model import build_model
+
+STEPS_PER_EPOCH = 469  # ceil(60000 / 128)
+
+
+def make_batches(n_batches, batch_size, device, data_dir):
+    """Augmented real MNIST batches (random images if MNIST is absent), built once, shared by all variants."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        mnist = load_mnist(data_dir, log=lambda *_: None)
+        idx = torch.randperm(len(mnist.train_labels), generator=gen)[: n_batches * batch_size]
+        images, labels = to_float_images(mnist.train_images[idx]), mnist.train_labels[idx]
+        images = random_affine(images, gen)
+    except Exception as exc:  # timing does not depend on the pixel values
+        print(f"MNIST unavailable ({exc}); timing on random images")
+        images = torch.rand(n_batches * batch_size, 1, 28, 28, generator=gen)
+        labels = torch.randint(0, 10, (n_batches * batch_size,), generator=gen)
+    return [(images[i : i + batch_size].to(device), labels[i : i + batch_size].to(device))
+            for i in range(0, n_batches * batch_size, batch_size)]
+
+
+def make_variant(impl, memory_format, compiled, device):
+    torch.manual_seed(0)
+    model = build_model(impl=impl).to(device, memory_format=memory_format)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5)
+    forward = torch.compile(model) if compiled else model
+
+    def step(x, y):
+        x = x.contiguous(memory_format=memory_format)
+        loss = F.cross_entropy(forward(x), y)
+        for p in model.parameters():
+            p.grad = None
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+class StepTimer:
+    """Wall time of one step: CUDA events on the GPU (no host clock without sync), perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (the first 2 are warm-up)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    cl = torch.channels_last
+    variants = {
+        "stock eager (NCHW)": ("stock", torch.contiguous_format, False),
+        "stock channels_last": ("stock", cl, False),
+    }
+    if not args.no_compile:
+        variants["torch.compile (stock, channels_last)"] = ("stock", cl, True)
+    if ops.fused_available():
+        variants["fused (ours)"] = ("fused", cl, False)
+    else:
+        print(f"fused variant skipped: {ops.fused_unavailable_reason()}")
+
+    batches = make_batches(args.steps, args.batch_size, device, args.data_dir)
+    steps, timer, compile_seconds = {}, StepTimer(device), {}
+    for name, spec in variants.items():
+        steps[name] = make_variant(*spec, device)
+        t0 = time.perf_counter()
+        steps[name](*batches[0])  # first call: compiles where compiled
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        compile_seconds[name] = time.perf_counter() - t0
+
+    samples = {name: [] for name in variants}
+    for rnd in range(args.rounds):
+        for name, step in steps.items():  # interleaved: drift in machine speed hits every variant alike
+            times = [timer(lambda: step(x, y)) for x, y in batches]
+            if rnd >= 2:
+                samples[name] += times
+
+    base = statistics.median(samples["stock eager (NCHW)"])
+    rows = []
+    for name, ts in samples.items():
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4)
+        rows.append({"variant": name, "median_step_ms": 1e3 * med, "iqr_ms": [1e3 * q[0], 1e3 * q[2]],
+                     "mean_step_ms": 1e3 * statistics.fmean(ts), "stdev_ms": 1e3 * statistics.stdev(ts),
+                     "epoch_seconds": med * STEPS_PER_EPOCH, "ratio_to_stock_eager": med / base,
+                     "first_call_seconds": compile_seconds[name], "samples": len(ts)})
+    meta = {
+        "benchmark": "epoch_time", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch_size": args.batch_size,
+        "rounds_timed": args.rounds - 2, "steps_per_round": args.steps,
+        "method": "median of per-step times, variants interleaved round by round on the same batches; "
+                  "2 warm-up rounds excluded; CUDA events on the GPU",
+    }
+    result = {"meta": meta, "results": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"epoch_time-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+
+    print(f"\n{meta['device_name']} ({args.device}, {meta['torch_threads']} threads), torch {meta['torch']}, "
+          f"batch {args.batch_size}, {len(samples['stock eager (NCHW)'])} timed steps per variant")
+    print("| variant | median step (ms) | IQR (ms) | epoch (s) | vs stock eager | first call (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['median_step_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
+              f"{r['epoch_seconds']:.1f} | {r['ratio_to_stock_eager']:.2f}x | {r['first_call_seconds']:.1f} |")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
