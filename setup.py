@@ -30,9 +30,14 @@ def _flag(name):
 
 
 def _is_toolkit(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
-        os.path.isdir(os.path.join(path, "lib64")) or os.path.isdir(os.path.join(path, "lib"))
-    )
+    """A CUDA toolkit has nvcc, the runtime headers and libcudart (a bin/nvcc alone
+    may be a wrapper script in /usr/local/bin)."""
+    if not path or not os.path.isfile(os.path.join(path, "bin", "nvcc")):
+        return False
+    if not os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")):
+        return False
+    lib_dirs = ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"), os.path.join("targets", "sbsa-linux", "lib"))
+    return any(glob.glob(os.path.join(path, d, "libcudart.so*")) for d in lib_dirs)
 
 
 def find_cuda_home():
