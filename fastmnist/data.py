@@ -102,6 +102,8 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     if len(data) < header:
         raise MNISTDataError(f"{name}: truncated IDX header; {_REMEDY}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank))
+    if 0 in shape:
+        raise MNISTDataError(f"{name}: header says shape {shape}, an empty data set; {_REMEDY}")
     expected = math.prod(shape)
     if len(data) - header != expected:
         raise MNISTDataError(

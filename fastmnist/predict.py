@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2.functional import resize
+from torchvision.transforms.v2.functional import resize, to_dtype
 
 from fastmnist.checkpoint import load_model
+from fastmnist.train import resolve_device
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
@@ -26,30 +27,34 @@ INK_FRACTION = 0.1  # pixels above this fraction of the brightest one bound the 
 class ImageError(Exception):
     """An image that cannot be read, decoded, or holds no digit; the message names the file."""
 
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
 
 def _decode_gray(path: Path) -> torch.Tensor:
     """(H, W) float in [0, 1] from an image file, via torchvision's decoders."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise ImageError(path, f"cannot read ({exc.strerror or exc})") from None
     if not data:
-        raise ImageError(f"{path}: empty file")
+        raise ImageError(path, "empty file")
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)
     except RuntimeError as exc:
-        raise ImageError(f"{path}: not a readable PNG or JPEG image ({_last_line(exc)})") from None
+        raise ImageError(path, f"not a readable image ({_first_sentence(exc)})") from None
     if image.ndim == 4:  # an animated GIF: its first frame
         image = image[0]
     if image.numel() == 0:
-        raise ImageError(f"{path}: image has no pixels")
-    return image[0].float().div_(255.0)
+        raise ImageError(path, "image has no pixels")
+    return to_dtype(image[0], torch.float32, scale=True)  # 16-bit PNGs decode to uint16
 
 
-def _last_line(exc: Exception) -> str:
+def _first_sentence(exc: Exception) -> str:
     # torchvision prefixes its messages with "function, source.cpp:line, ": keep what follows.
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return re.sub(r"^\w+, \S+:\d+, ", "", text)[:200]
+    return re.sub(r"^\w+, \S+:\d+, ", "", text).split(". ")[0][:200]
 
 
 def _border(image: torch.Tensor) -> torch.Tensor:
@@ -67,7 +72,7 @@ def _ink(image: torch.Tensor, path: Path) -> torch.Tensor:
     ink = (image - _border(image).median()).clamp_(min=0.0)
     peak = ink.max()
     if peak < MIN_CONTRAST:
-        raise ImageError(f"{path}: no digit found (the image is blank or has too little contrast)")
+        raise ImageError(path, "no digit found (the image is blank or has too little contrast)")
     return ink / peak
 
 
@@ -112,8 +117,6 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
 
     A bad checkpoint raises CheckpointError; a bad image only fails its own entry.
     """
-    from fastmnist.train import resolve_device
-
     device = resolve_device(device)
     model, _ = load_model(checkpoint_path, device)
     results, digits = [], []
@@ -122,7 +125,7 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
             digits.append(load_digit(name))
             results.append({"file": str(name)})
         except ImageError as exc:
-            results.append({"file": str(name), "error": str(exc)})
+            results.append({"file": str(name), "error": exc.reason})  # the caller prints the file
     if digits:
         x = torch.stack(digits).to(device).contiguous(memory_format=torch.channels_last)
         probs = F.softmax(model(x).float(), dim=1).cpu()
