@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "conv_tiles_avx2.h"
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -164,6 +166,129 @@ at::Tensor as_matrix(void* data, int64_t rows, int64_t cols, const at::TensorOpt
   return at::from_blob(data, {rows, cols}, opts);
 }
 
+// The convolution's three products for a chunk of images, by one of two
+// methods: register-tiled AVX2 loops straight from the (padded) image
+// (conv_tiles_avx2.h; float32 on CPUs that have AVX2 and FMA), or else a
+// patch matrix (im2col) and torch's BLAS GEMM. Buffers are per thread.
+template <typename scalar_t>
+struct ConvProducts {
+  const ConvGeometry& g;
+  at::TensorOptions opts;
+  at::Tensor wmat;      // (Cout, K), k = (ky, kx, ci)
+  at::Tensor w_packed;  // tiled: (K, Cout) for the forward
+  at::Tensor w_flipped; // tiled: (KH * KW * Cout, Cin), the flipped, transposed weight for grad_x
+  bool tiled;
+  std::vector<std::vector<scalar_t>> col, padded, grad_tile;
+
+  ConvProducts(const ConvGeometry& geom, const at::Tensor& weight, const at::TensorOptions& options, int threads,
+               bool need_grad_x)
+      : g(geom), opts(options), wmat(weight_as_matrix(weight)), col(threads), padded(threads), grad_tile(threads) {
+    tiled = std::is_same<scalar_t, float>::value && fastmnist_cpu::conv_tiles_handle(g.cout) &&
+            g.pad < g.kh && g.pad < g.kw && (!need_grad_x || fastmnist_cpu::conv_tiles_handle(g.cin));
+    if (tiled) {
+      w_packed = wmat.t().contiguous();
+      if (need_grad_x) w_flipped = weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous().view({-1, g.cin});
+    }
+  }
+
+  // The image zero-padded by (ph, pw) into this thread's buffer (or itself when no padding).
+  const scalar_t* pad_image(const scalar_t* img, int64_t h, int64_t w, int64_t c, int64_t ph, int64_t pw,
+                            int thread) {
+    if (ph == 0 && pw == 0) return img;
+    auto& buf = padded[thread];
+    const int64_t W = w + 2 * pw;
+    buf.assign((h + 2 * ph) * W * c, scalar_t(0));
+    for (int64_t y = 0; y < h; ++y) std::copy_n(img + y * w * c, w * c, buf.data() + ((y + ph) * W + pw) * c);
+    return buf.data();
+  }
+
+  fastmnist_cpu::ImageGeometry forward_geometry() const {
+    return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout};
+  }
+
+  // z[rows of images first .. first + count, Cout] = conv(x), no bias.
+  void forward(const scalar_t* x, int64_t first, int64_t count, int thread, scalar_t* z) {
+    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
+    if (tiled) {
+      for (int64_t b = first; b < first + count; ++b) {
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
+        fastmnist_cpu::valid_conv(reinterpret_cast<const float*>(in), w_packed.const_data_ptr<float>(),
+                                  forward_geometry(), C, reinterpret_cast<float*>(z + (b - first) * P * C));
+      }
+      return;
+    }
+    const int64_t rows = count * P;
+    at::Tensor z_mat = as_matrix(z, rows, C, opts);
+    if (g.is_pointwise()) {
+      at::mm_out(z_mat, as_matrix(const_cast<scalar_t*>(x) + first * image, rows, K, opts), wmat.t());
+    } else {
+      col[thread].resize(rows * K);
+      im2col(x + first * image, count, g, col[thread].data());
+      at::mm_out(z_mat, as_matrix(col[thread].data(), rows, K, opts), wmat.t());
+    }
+  }
+
+  // grad_wmat[co, k] += sum over the chunk's pixels of dz[p, co] col[p, k],
+  // summed per chunk in scalar_t and across chunks in double (acc).
+  void weight_grad(const scalar_t* x, const scalar_t* dz, int64_t first, int64_t count, int thread, double* acc) {
+    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
+    auto& tile = grad_tile[thread];
+    tile.resize(K * C);
+    if (tiled) {  // tile is (K, Cout) here
+      for (int64_t b = first; b < first + count; ++b) {
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
+        fastmnist_cpu::weight_grad(reinterpret_cast<const float*>(in),
+                                   reinterpret_cast<const float*>(dz + (b - first) * P * C), forward_geometry(), C,
+                                   reinterpret_cast<float*>(tile.data()));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < C; ++c) acc[c * K + k] += tile[k * C + c];
+      }
+      return;
+    }
+    const int64_t rows = count * P;
+    at::Tensor col_mat;
+    if (g.is_pointwise()) {
+      col_mat = as_matrix(const_cast<scalar_t*>(x) + first * image, rows, K, opts);
+    } else {
+      col[thread].resize(rows * K);
+      im2col(x + first * image, count, g, col[thread].data());
+      col_mat = as_matrix(col[thread].data(), rows, K, opts);
+    }
+    at::Tensor tile_mat = as_matrix(tile.data(), C, K, opts);
+    at::mm_out(tile_mat, as_matrix(const_cast<scalar_t*>(dz), rows, C, opts).t(), col_mat);
+    for (int64_t i = 0; i < C * K; ++i) acc[i] += tile[i];
+  }
+
+  // dx for the chunk's images: the transposed convolution of dz.
+  void input_grad(const scalar_t* dz, int64_t first, int64_t count, int thread, scalar_t* dx) {
+    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
+    if (tiled) {  // a valid convolution of dz padded by (k - 1 - pad) with the flipped weight
+      const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
+      const fastmnist_cpu::ImageGeometry gx{g.hout + 2 * ph, g.wout + 2 * pw, C, g.kh, g.kw, g.h, g.w};
+      for (int64_t b = 0; b < count; ++b) {
+        const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, thread);
+        fastmnist_cpu::valid_conv(reinterpret_cast<const float*>(in), w_flipped.const_data_ptr<float>(), gx,
+                                  g.cin, reinterpret_cast<float*>(dx + b * image));
+      }
+      return;
+    }
+    const int64_t rows = count * P;
+    at::Tensor dz_mat = as_matrix(const_cast<scalar_t*>(dz), rows, C, opts);
+    if (g.is_pointwise()) {
+      at::Tensor dx_mat = as_matrix(dx, rows, K, opts);
+      at::mm_out(dx_mat, dz_mat, wmat);
+    } else {
+      col[thread].resize(rows * K);
+      at::Tensor dcol = as_matrix(col[thread].data(), rows, K, opts);
+      at::mm_out(dcol, dz_mat, wmat);
+      col2im(col[thread].data(), count, g, dx);
+    }
+  }
+
+  // Images per chunk: one for the tiled loops, else enough rows for the GEMM.
+  int64_t chunk() const { return tiled ? 1 : g.images_per_chunk(sizeof(scalar_t)); }
+};
+
 // Runs fn(first_image, count, thread) over chunks of images in parallel.
 template <typename Fn>
 void for_each_chunk(const ConvGeometry& g, int64_t chunk, const Fn& fn) {
@@ -236,19 +361,16 @@ void relu_epilogue(scalar_t* z, const scalar_t* bias, int64_t rows, int64_t chan
 // In eval mode mean and var are the running statistics and the normalisation
 // happens in the epilogue itself: a single pass.
 template <typename scalar_t>
-void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& wmat, const at::Tensor& bias,
+void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  const at::Tensor& gamma, const at::Tensor& beta, const ConvGeometry& g,
                                  bool training, double eps, at::Tensor& mean, at::Tensor& var,
                                  at::Tensor& relu_out, at::Tensor& y) {
-  const int64_t P = g.pixels(), K = g.patch(), C = g.cout;
-  const int64_t chunk = g.images_per_chunk(sizeof(scalar_t));
+  const int64_t P = g.pixels(), C = g.cout;
   const int threads = at::get_num_threads();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
   const scalar_t* b_ptr = bias.const_data_ptr<scalar_t>();
   scalar_t* r_ptr = relu_out.mutable_data_ptr<scalar_t>();
   scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
-  const auto opts = x.options();
-  const at::Tensor wmat_t = wmat.t();
 
   // Eval: the affine map y = r * scale + shift is known before the GEMM.
   std::vector<scalar_t> scale(C), shift(C);
@@ -271,20 +393,11 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& wmat, co
   }
 
   std::vector<double> partial_sum(threads * C, 0.0), partial_sumsq(threads * C, 0.0);
-  std::vector<std::vector<scalar_t>> col_buffers(threads);
-  for_each_chunk(g, chunk, [&](int64_t first, int64_t count, int thread) {
-    const int64_t rows = count * P;
+  ConvProducts<scalar_t> conv(g, weight, x.options(), threads, /*need_grad_x=*/false);
+  for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
     scalar_t* z = r_ptr + first * P * C;
-    at::Tensor z_mat = as_matrix(z, rows, C, opts);
-    if (g.is_pointwise()) {
-      at::mm_out(z_mat, as_matrix(const_cast<scalar_t*>(x_ptr) + first * P * K, rows, K, opts), wmat_t);
-    } else {
-      auto& col = col_buffers[thread];
-      col.resize(rows * K);
-      im2col(x_ptr + first * g.h * g.w * g.cin, count, g, col.data());
-      at::mm_out(z_mat, as_matrix(col.data(), rows, K, opts), wmat_t);
-    }
-    relu_epilogue<scalar_t>(z, b_ptr, rows, C, training, partial_sum.data() + thread * C,
+    conv.forward(x_ptr, first, count, thread, z);
+    relu_epilogue<scalar_t>(z, b_ptr, count * P, C, training, partial_sum.data() + thread * C,
                             partial_sumsq.data() + thread * C, scale.data(), shift.data(), y_ptr + first * P * C);
   });
   if (!training) return;
@@ -337,14 +450,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_forward(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor wmat = weight_as_matrix(weight);
   const auto out_opts = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   at::Tensor relu_out = at::empty({g.n, g.cout, g.hout, g.wout}, out_opts);
   at::Tensor y = at::empty({g.n, g.cout, g.hout, g.wout}, out_opts);
   at::Tensor mean = training ? at::empty({g.cout}, x.options()) : running_mean.clone(at::MemoryFormat::Contiguous);
   at::Tensor var = training ? at::empty({g.cout}, x.options()) : running_var.clone(at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_forward", [&] {
-    conv_relu_bn_forward_kernel<scalar_t>(x, wmat, bias.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(),
+    conv_relu_bn_forward_kernel<scalar_t>(x, weight, bias.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(),
                                           g, training, eps, mean, var, relu_out, y);
   });
   return {y, relu_out, mean, var};
@@ -443,7 +555,7 @@ void relu_bn_grad(const scalar_t* dy, const scalar_t* r, const scalar_t* a, cons
 // backward, chunk by chunk:
 //   grad_bias = sum_p dz[p, :],  grad_wmat += dz^T @ col,  dcol = dz @ wmat -> col2im -> dx.
 template <typename scalar_t>
-void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, const at::Tensor& wmat,
+void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& r_t, const at::Tensor& gamma, const at::Tensor& mean_t,
                                   const at::Tensor& var_t, const ConvGeometry& g, bool training, double eps,
                                   bool compute_grad_x, at::Tensor& grad_x, at::Tensor& grad_wmat,
@@ -482,50 +594,23 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     grad_gamma.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy_xhat[c]);
   }
 
-  const int64_t chunk = g.images_per_chunk(sizeof(scalar_t));
-  std::vector<at::Tensor> partial_grad_w(threads);
+  ConvProducts<scalar_t> conv(g, weight, opts, threads, compute_grad_x);
+  // Each chunk's weight gradient is summed over its rows in scalar_t, then
+  // across chunks in double: a float running sum over the whole batch would
+  // lose digits to cancellation.
   std::vector<double> grad_w_acc(threads * C * K, 0.0);
   std::vector<std::vector<double>> partial_grad_b(threads, std::vector<double>(C, 0.0));
-  std::vector<std::vector<scalar_t>> dz_buffers(threads), col_buffers(threads);
+  std::vector<std::vector<scalar_t>> dz_buffers(threads);
   scalar_t* dx_ptr = compute_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-  const at::Tensor wmat_c = wmat.contiguous();
 
-  for_each_chunk(g, chunk, [&](int64_t first, int64_t count, int thread) {
+  for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
     const int64_t rows = count * P;
     auto& dz = dz_buffers[thread];
     dz.resize(rows * C);
     relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(), rows, C, dz.data(),
                            partial_grad_b[thread].data());
-    at::Tensor dz_mat = as_matrix(dz.data(), rows, C, opts);
-    at::Tensor col_mat;
-    const scalar_t* x_chunk = x_ptr + first * g.h * g.w * g.cin;
-    if (g.is_pointwise()) {
-      col_mat = as_matrix(const_cast<scalar_t*>(x_chunk), rows, K, opts);
-    } else {
-      auto& col = col_buffers[thread];
-      col.resize(rows * K);
-      im2col(x_chunk, count, g, col.data());
-      col_mat = as_matrix(col.data(), rows, K, opts);
-    }
-    // Each chunk's weight gradient is summed over its few hundred rows in the
-    // GEMM, then across chunks in double: a float running sum over the whole
-    // batch would lose digits to cancellation.
-    at::Tensor& gw = partial_grad_w[thread];
-    if (!gw.defined()) gw = at::empty({C, K}, opts);
-    at::mm_out(gw, dz_mat.t(), col_mat);
-    const scalar_t* gw_ptr = gw.const_data_ptr<scalar_t>();
-    double* acc = grad_w_acc.data() + thread * C * K;
-    for (int64_t i = 0; i < C * K; ++i) acc[i] += gw_ptr[i];
-    if (compute_grad_x) {
-      scalar_t* dx_chunk = dx_ptr + first * g.h * g.w * g.cin;
-      if (g.is_pointwise()) {
-        at::Tensor dx_mat = as_matrix(dx_chunk, rows, K, opts);
-        at::mm_out(dx_mat, dz_mat, wmat_c);
-      } else {  // the patch buffer is free again: reuse it for dcol
-        at::mm_out(col_mat, dz_mat, wmat_c);
-        col2im(col_mat.const_data_ptr<scalar_t>(), count, g, dx_chunk);
-      }
-    }
+    conv.weight_grad(x_ptr, dz.data(), first, count, thread, grad_w_acc.data() + thread * C * K);
+    if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx_ptr + first * g.h * g.w * g.cin);
   });
 
   scalar_t* gwm = grad_wmat.mutable_data_ptr<scalar_t>();
@@ -566,14 +651,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
   const at::Tensor x = x_in.contiguous(cl);
   const at::Tensor dy = grad_y.contiguous(cl);
   const at::Tensor r = relu_out.contiguous(cl);
-  const at::Tensor wmat = weight_as_matrix(weight);
   at::Tensor grad_x = compute_grad_x ? at::empty(x.sizes(), x.options().memory_format(cl)) : at::empty({0}, x.options());
   at::Tensor grad_wmat = at::empty({g.cout, g.patch()}, x.options());
   at::Tensor grad_bias = at::empty({g.cout}, x.options());
   at::Tensor grad_gamma = at::empty({g.cout}, x.options());
   at::Tensor grad_beta = at::empty({g.cout}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_backward", [&] {
-    conv_relu_bn_backward_kernel<scalar_t>(dy, x, wmat, r, bn_weight.contiguous(), mean.contiguous(),
+    conv_relu_bn_backward_kernel<scalar_t>(dy, x, weight, r, bn_weight.contiguous(), mean.contiguous(),
                                            var.contiguous(), g, training, eps, compute_grad_x, grad_x, grad_wmat,
                                            grad_bias, grad_gamma, grad_beta);
   });
