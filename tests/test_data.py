@@ -119,3 +119,15 @@ def test_random_affine_is_batched_seeded_and_bounded():
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= 0 and a.max() <= 1
     assert abs(a.sum().item() - x.sum().item()) / x.sum().item() < 0.25  # a small transform, not a new image
+
+
+def test_oversized_files_are_refused_before_reading_them_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_IDX_BYTES", 1000)
+    bomb = tmp_path / "train-labels-idx1-ubyte.gz"
+    bomb.write_bytes(gzip.compress(b"\x00" * 100_000))  # 100 kB from a few hundred bytes
+    with pytest.raises(MNISTDataError, match="decompresses to more than 1000 bytes"):
+        read_idx(bomb)
+    big = tmp_path / "train-labels-idx1-ubyte"
+    big.write_bytes(b"\x00" * 2000)
+    with pytest.raises(MNISTDataError, match="far larger than any MNIST file"):
+        read_idx(big)
