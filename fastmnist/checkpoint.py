@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fastmnist.layers import default_impl
+from fastmnist import ops
 from fastmnist.model import build_model
 
 STATE_FILE = "checkpoint.pt"  # resumable training state, rewritten after every epoch
@@ -115,8 +115,8 @@ def load_model(path, device="cpu"):
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_kwargs" not in ckpt:
         raise CheckpointError(f"{path}: not a fastmnist model checkpoint (expected a dict with state_dict and model_kwargs)")
     kwargs = dict(ckpt["model_kwargs"])
-    # The weights are the same for both impls: use what this install has.
-    kwargs["impl"] = default_impl()
+    # The weights are the same for both impls: use our kernels where this install has them for the device.
+    kwargs["impl"] = "fused" if ops.fused_supports(torch.device(device).type) else "stock"
     try:
         model = build_model(**kwargs)
         model.load_state_dict(ckpt["state_dict"])

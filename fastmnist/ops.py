@@ -35,6 +35,16 @@ def fused_unavailable_reason() -> Optional[str]:
     )
 
 
+def fused_supports(device_type: str) -> bool:
+    """Whether the loaded extension has kernels for this device type ("cpu", "cuda")."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return (
+        fused_available()
+        and key is not None
+        and torch._C._dispatch_has_kernel_for_dispatch_key("fastmnist::conv_relu_bn", key)
+    )
+
+
 def require_fused() -> None:
     """Raise one actionable error when the fused path is asked for and absent."""
     if _IMPORT_ERROR is not None:

@@ -8,12 +8,11 @@ atomically; Ctrl-C or SIGTERM stops at the next step boundary, saves the
 position inside the epoch, and `--resume` continues to the same final weights
 as an uninterrupted run.
 """
-import json
 import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastmnist import checkpoint
+from fastmnist import checkpoint, ops
 from fastmnist.data import load_mnist, random_affine, to_float_images
 from fastmnist.layers import resolve_impl
 from fastmnist.model import build_model, count_parameters
@@ -67,8 +66,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_kwargs(cfg: TrainConfig) -> dict:
-    return {"name": cfg.model, "impl": resolve_impl(cfg.impl), "dropout": cfg.dropout}
+def model_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
+    """The model's build arguments, with impl resolved for this device."""
+    impl = resolve_impl(cfg.impl)
+    if impl == "fused" and not ops.fused_supports(device.type):
+        if cfg.impl == "fused":
+            raise ValueError(f"--impl fused: this build of fastmnist._C has no {device.type.upper()} kernels; "
+                             "reinstall with FORCE_CUDA=1 and the CUDA toolkit, or use --impl stock")
+        impl = "stock"  # auto: the stock layers where our kernels are not built
+    return {"name": cfg.model, "impl": impl, "dropout": cfg.dropout}
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -134,7 +140,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     test_x = data.test_images[: cfg.limit_test].to(device)
     test_y = data.test_labels[: cfg.limit_test].to(device)
 
-    kwargs = model_kwargs(cfg)
+    kwargs = model_kwargs(cfg, device)
     model = build_model(**kwargs).to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
