@@ -40,7 +40,10 @@ def main(folder=Path(__file__).parent / "results" / "accuracy"):
         ax.plot([r["epoch"] for r in m["epochs"]], [100 * r["test_acc"] for r in m["epochs"]], "o-", ms=3,
                 label=f"seed {m['config']['seed']}")
     ax.axhline(99.4, color="gray", ls="--", lw=1, label="99.4% target")
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(98.5, 99.8), title="default recipe, fused CPU operator")
+    cfg = metrics[0]["config"]
+    title = (f"{cfg['epochs']} epochs, dropout {cfg['dropout']}, impl {metrics[0]['model_kwargs']['impl']}, "
+             f"{metrics[0]['device_name']}")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(98.5, 99.8), title=title)
     ax.legend(ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "seeds.png", dpi=100)

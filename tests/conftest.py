@@ -1,10 +1,19 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout=300):
+    """`python -m fastmnist.cli ARGS` in a subprocess, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "fastmnist.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 def cpu_and_cuda():

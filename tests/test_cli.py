@@ -6,15 +6,10 @@ import sys
 import pytest
 import torch
 
+from conftest import run_cli
 from fastmnist.cli import main
 
 TINY = ["--epochs", "1", "--limit-train", "1024", "--limit-test", "300", "--no-progress"]
-
-
-def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "fastmnist.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
 
 
 def test_help_explains_every_command():

@@ -1,8 +1,5 @@
 """predict: real MNIST digits turned into "user photos" must come back as MNIST digits."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,21 +7,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg, write_file, write_png
 
+from conftest import run_cli
 from fastmnist.predict import ImageError, load_digit, predict_files
 
-REPO = Path(__file__).resolve().parent.parent
 N_PHOTOS = 20
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    """Real MNIST from $FASTMNIST_DATA or <repo>/data; these tests need real digits, not a download."""
-    from fastmnist.data import load_mnist, locate_files
+def mnist(mnist_dir):
+    """Real MNIST (conftest's mnist_dir finds or fetches it): these tests need real digits."""
+    from fastmnist.data import load_mnist
 
-    for d in (os.environ.get("FASTMNIST_DATA"), REPO / "data"):
-        if d and locate_files(d):
-            return str(d), load_mnist(d, download=False)
-    pytest.skip("real MNIST not found in $FASTMNIST_DATA or <repo>/data")
+    return mnist_dir, load_mnist(mnist_dir, download=False)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +127,6 @@ def test_bad_files_fail_alone(mnist, checkpoint, tmp_path):
     assert [("error" in r) for r in results] == [False, True, True, False]
     assert "not a readable image" in results[1]["error"] and "empty" in results[2]["error"]
     assert [results[0]["digit"], results[3]["digit"]] == labels
-
-
-def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "fastmnist.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
 
 
 def test_cli_predict_exit_codes_and_json(mnist, checkpoint, tmp_path):

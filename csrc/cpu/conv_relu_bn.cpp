@@ -1,14 +1,15 @@
 // CPU kernels of fastmnist::conv_relu_bn and its backward.
 //
-// Layout: everything runs in NHWC (channels_last), where a convolution is a
-// GEMM over image patches: with col[p, k] the patch of output pixel p
-// (k = (ky * KW + kx) * Cin + ci) and wmat[co, k] the weight in the same order,
-//     z[p, co] = sum_k col[p, k] wmat[co, k] + bias[co].
-// Work is split over images; each thread builds the patch matrix of a few
-// images at a time in a cache-sized buffer, multiplies it with torch's BLAS
-// (at::mm_out, which picks AVX2/AVX-512 at run time) and finishes the rows
-// while they are still in cache: bias, ReLU and the per-channel sums of the
-// batch statistics in one epilogue. One more pass normalises.
+// Layout: everything runs in NHWC (channels_last). With k = (ky * KW + kx) * Cin + ci
+// indexing a pixel's 3x3 (or 1x1) patch and wmat[co, k] the weight in that order,
+//     z[p, co] = sum_k patch(p)[k] wmat[co, k] + bias[co].
+// Work is split over images. ConvProducts computes the convolution's three
+// products (forward, weight gradient, input gradient) for a chunk of images:
+// on CPUs with AVX2 and FMA with register-tiled loops straight from the image
+// (conv_tiles_avx2.h), elsewhere by building the patch matrix (im2col) of a
+// few images in a cache-sized buffer and calling torch's BLAS. The rows of z
+// are finished while they are still in cache: bias, ReLU and the per-channel
+// sums of the batch statistics in one epilogue. One more pass normalises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -352,9 +353,9 @@ void relu_epilogue(scalar_t* z, const scalar_t* bias, int64_t rows, int64_t chan
 }
 
 // Forward, per chunk of images:
-//   z = col @ wmat^T                   (GEMM)
+//   z = conv(x)                        (ConvProducts::forward)
 //   r = max(z + bias, 0)               (epilogue, in place)
-//   sum[c] += r, sumsq[c] += r^2       (epilogue, double, per-thread partials)
+//   sum[c] += r, sumsq[c] += r^2       (epilogue; per-thread double partials)
 // then, over the batch of M = N * Hout * Wout values per channel,
 //   mean = sum / M,  var = sumsq / M - mean^2   (biased, what BN normalises with)
 //   y = (r - mean) / sqrt(var + eps) * gamma + beta.
@@ -553,7 +554,8 @@ void relu_bn_grad(const scalar_t* dy, const scalar_t* r, const scalar_t* a, cons
 // or, in eval (fixed statistics), dr = gamma invstd dy. ReLU passes dr where
 // r > 0: dz = dr [r > 0]. That elementwise pass is fused with the convolution
 // backward, chunk by chunk:
-//   grad_bias = sum_p dz[p, :],  grad_wmat += dz^T @ col,  dcol = dz @ wmat -> col2im -> dx.
+//   grad_bias[co] = sum_p dz[p, co],  grad_wmat[co, k] = sum_p dz[p, co] patch(p)[k],
+//   dx = the transposed convolution of dz (ConvProducts).
 template <typename scalar_t>
 void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& r_t, const at::Tensor& gamma, const at::Tensor& mean_t,
