@@ -1,8 +1,8 @@
 """The network: built from ConvReLUBN blocks, no fully connected layer.
 
-The reference network of SPEC.md (12,650 parameters): five Conv3x3-ReLU-BN
-blocks, a 1x1 conv bottleneck, and a classifier head that is a 1x1 conv to 10
-channels followed by global average pooling.
+SPEC.md's network: five Conv3x3-ReLU-BN blocks, a 1x1 conv bottleneck, and a
+classifier head that is a 1x1 conv to 10 channels followed by global average
+pooling. MODELS names the reference widths and the (wider) default.
 """
 import copy
 
@@ -26,27 +26,36 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _reference_layers(impl, dropout):
+def _layers(impl, dropout, width1, width2):
+    """SPEC's network with the 3x3 blocks' widths as parameters: the reference is (16, 16)."""
+
     def block(cin, cout):
         return [ConvReLUBN(cin, cout, 3, impl=impl), nn.Dropout2d(dropout)]
 
     return [
         Normalize(),
         *block(1, 16),  # 26x26
-        *block(16, 16),  # 24x24
-        *block(16, 32),  # 22x22
+        *block(16, width1),  # 24x24
+        *block(width1, 32),  # 22x22
         nn.Conv2d(32, 16, 1),
         nn.ReLU(),
         nn.AvgPool2d(2),  # 11x11
-        *block(16, 16),  # 9x9
-        *block(16, 16),  # 7x7
+        *block(16, width2),  # 9x9
+        *block(width2, 16),  # 7x7
         nn.Conv2d(16, 10, 1),
         nn.AvgPool2d(7),  # global average pooling: 10 logits
         nn.Flatten(),
     ]
 
 
-MODELS = {"default": _reference_layers}
+# "reference" is SPEC.md's network (12,650 parameters). It averages 99.47% over
+# five seeds but one seed in five ends near 99.37%; "default" widens blocks 2
+# and 4 to 24 channels (18,458 parameters) for the margin to hold 99.4% on
+# every seed (benchmarks/results/ has both records).
+MODELS = {
+    "reference": lambda impl, dropout: _layers(impl, dropout, 16, 16),
+    "default": lambda impl, dropout: _layers(impl, dropout, 24, 24),
+}
 
 
 class FastMNISTNet(nn.Sequential):

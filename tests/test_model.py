@@ -11,12 +11,14 @@ from fastmnist.model import build_model, count_parameters
 needs_fused = pytest.mark.skipif(not ops.fused_available(), reason=f"{ops.fused_unavailable_reason()}")
 
 
-def test_reference_network_has_12650_parameters():
-    assert count_parameters(build_model(impl="stock")) == 12650
+def test_parameter_counts():
+    assert count_parameters(build_model("reference", impl="stock")) == 12650  # SPEC.md's network
+    assert count_parameters(build_model(impl="stock")) == 18458 < 20000
 
 
-def test_no_fully_connected_layer():
-    model = build_model(impl="stock")
+@pytest.mark.parametrize("name", ["default", "reference"])
+def test_no_fully_connected_layer(name):
+    model = build_model(name, impl="stock")
     assert not any(isinstance(m, (nn.Linear, nn.Bilinear)) for m in model.modules())
     assert sum(isinstance(m, ConvReLUBN) for m in model.modules()) == 5
 
@@ -35,10 +37,11 @@ def test_unknown_model_and_bad_dropout_are_refused():
         build_model(impl="stock", dropout=1.5)
 
 
+@pytest.mark.parametrize("name", ["default", "reference"])
 @pytest.mark.parametrize("impl", ["stock", pytest.param("fused", marks=needs_fused)])
-def test_fold_gives_the_same_eval_outputs(impl):
+def test_fold_gives_the_same_eval_outputs(impl, name):
     torch.manual_seed(0)
-    model = build_model(impl=impl)
+    model = build_model(name, impl=impl)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):  # non-trivial BN statistics and affine parameters
         loss = F.cross_entropy(model(torch.rand(16, 1, 28, 28)), torch.randint(0, 10, (16,)))

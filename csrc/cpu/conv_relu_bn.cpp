@@ -82,6 +82,7 @@ void dispatch_channels(int64_t channels, const Fn& fn) {
   switch (channels) {
     case 1: return fn(std::integral_constant<int64_t, 1>{});
     case 16: return fn(std::integral_constant<int64_t, 16>{});
+    case 24: return fn(std::integral_constant<int64_t, 24>{});
     case 32: return fn(std::integral_constant<int64_t, 32>{});
     default: return fn(std::integral_constant<int64_t, 0>{});
   }

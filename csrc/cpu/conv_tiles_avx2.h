@@ -119,11 +119,12 @@ FASTMNIST_AVX2 void weight_grad_all(const float* __restrict__ in, const float* _
   for (; k < K; ++k) weight_grad_tile<1, V>(in, dz, g, k, dw);
 }
 
-// Entry points: out channels co must be 8, 16 or 32 (see conv_tiles_handle).
+// Entry points: out channels co must be 8, 16, 24 or 32 (see conv_tiles_handle).
 inline void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t co, float* out) {
   switch (co) {
     case 8: return valid_conv_rows<12, 1>(in, w, g, out);
     case 16: return valid_conv_rows<6, 2>(in, w, g, out);
+    case 24: return valid_conv_rows<4, 3>(in, w, g, out);
     default: return valid_conv_rows<3, 4>(in, w, g, out);
   }
 }
@@ -132,6 +133,7 @@ inline void weight_grad(const float* in, const float* dz, const ImageGeometry& g
   switch (co) {
     case 8: return weight_grad_all<12, 1>(in, dz, g, dw);
     case 16: return weight_grad_all<6, 2>(in, dz, g, dw);
+    case 24: return weight_grad_all<4, 3>(in, dz, g, dw);
     default: return weight_grad_all<3, 4>(in, dz, g, dw);
   }
 }
@@ -146,7 +148,7 @@ inline void weight_grad(const float*, const float*, const ImageGeometry&, int64_
 
 // Whether these loops serve a convolution with `co` output-vector channels.
 inline bool conv_tiles_handle(int64_t co) {
-  return conv_tiles_supported() && (co == 8 || co == 16 || co == 32);
+  return conv_tiles_supported() && (co == 8 || co == 16 || co == 24 || co == 32);
 }
 
 }  // namespace fastmnist_cpu
