@@ -291,6 +291,14 @@ struct ConvProducts {
   int64_t chunk() const { return tiled ? 1 : g.images_per_chunk(sizeof(scalar_t)); }
 };
 
+// Entry i of per-thread partials laid out as partials[thread * n + i], summed
+// over the threads in thread order: the same result for the same thread count.
+double sum_over_threads(const std::vector<double>& partials, int threads, int64_t n, int64_t i) {
+  double total = 0.0;
+  for (int t = 0; t < threads; ++t) total += partials[t * n + i];
+  return total;
+}
+
 // Runs fn(first_image, count, thread) over chunks of images in parallel.
 template <typename Fn>
 void for_each_chunk(const ConvGeometry& g, int64_t chunk, const Fn& fn) {
@@ -408,13 +416,8 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
   scalar_t* mean_ptr = mean.mutable_data_ptr<scalar_t>();
   scalar_t* var_ptr = var.mutable_data_ptr<scalar_t>();
   for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0, ss = 0.0;
-    for (int t = 0; t < threads; ++t) {  // fixed order: deterministic for a given thread count
-      s += partial_sum[t * C + c];
-      ss += partial_sumsq[t * C + c];
-    }
-    m64[c] = s / M;
-    v64[c] = std::max(ss / M - m64[c] * m64[c], 0.0);
+    m64[c] = sum_over_threads(partial_sum, threads, C, c) / M;
+    v64[c] = std::max(sum_over_threads(partial_sumsq, threads, C, c) / M - m64[c] * m64[c], 0.0);
     mean_ptr[c] = static_cast<scalar_t>(m64[c]);
     var_ptr[c] = static_cast<scalar_t>(v64[c]);
   }
@@ -505,11 +508,7 @@ void bn_grad_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __rest
     });
   });
   for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0, sr = 0.0;
-    for (int t = 0; t < threads; ++t) {
-      s += p_dy[t * C + c];
-      sr += p_dyr[t * C + c];
-    }
+    const double s = sum_over_threads(p_dy, threads, C, c), sr = sum_over_threads(p_dyr, threads, C, c);
     sum_dy[c] = s;
     // sum dy (r - mean) invstd = (sum dy r - mean sum dy) invstd
     sum_dy_xhat[c] = (sr - mean[c] * s) * invstd[c];
@@ -602,7 +601,7 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
   // across chunks in double: a float running sum over the whole batch would
   // lose digits to cancellation.
   std::vector<double> grad_w_acc(threads * C * K, 0.0);
-  std::vector<std::vector<double>> partial_grad_b(threads, std::vector<double>(C, 0.0));
+  std::vector<double> grad_b_acc(threads * C, 0.0);
   std::vector<std::vector<scalar_t>> dz_buffers(threads);
   scalar_t* dx_ptr = compute_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
 
@@ -611,23 +610,15 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     auto& dz = dz_buffers[thread];
     dz.resize(rows * C);
     relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(), rows, C, dz.data(),
-                           partial_grad_b[thread].data());
+                           grad_b_acc.data() + thread * C);
     conv.weight_grad(x_ptr, dz.data(), first, count, thread, grad_w_acc.data() + thread * C * K);
     if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx_ptr + first * g.h * g.w * g.cin);
   });
 
   scalar_t* gwm = grad_wmat.mutable_data_ptr<scalar_t>();
-  for (int64_t i = 0; i < C * K; ++i) {
-    double v = 0.0;
-    for (int t = 0; t < threads; ++t) v += grad_w_acc[t * C * K + i];
-    gwm[i] = static_cast<scalar_t>(v);
-  }
+  for (int64_t i = 0; i < C * K; ++i) gwm[i] = static_cast<scalar_t>(sum_over_threads(grad_w_acc, threads, C * K, i));
   scalar_t* gbias = grad_bias.mutable_data_ptr<scalar_t>();
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0;
-    for (int t = 0; t < threads; ++t) s += partial_grad_b[t][c];
-    gbias[c] = static_cast<scalar_t>(s);
-  }
+  for (int64_t c = 0; c < C; ++c) gbias[c] = static_cast<scalar_t>(sum_over_threads(grad_b_acc, threads, C, c));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_backward(
