@@ -22,17 +22,22 @@ TORCH_LIBRARY(fastmnist, m) {
   // of running_mean and running_var. The op is functional (autograd cannot be
   // registered on a mutating op); fastmnist.ops updates the running statistics
   // from its mean and var outputs.
+  // channel_scale, when given, is an (N, Cout) tensor s that multiplies the
+  // output: y[n, c] = s[n, c] * BN(...)[n, c]. Dropout2d is such a scale (0 or
+  // 1 / (1 - p) per image and channel), so the block's dropout costs no pass
+  // of its own.
   m.def(
       "conv_relu_bn(Tensor x, Tensor weight, Tensor bias, Tensor bn_weight, "
       "Tensor bn_bias, Tensor running_mean, Tensor running_var, "
-      "bool training, float eps, int padding) "
+      "bool training, float eps, int padding, Tensor? channel_scale=None) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of conv_relu_bn's y with respect to (x, weight, bias, bn_weight,
   // bn_bias). grad_x is an empty tensor when compute_grad_x is false (the
-  // first layer's input needs none).
+  // first layer's input needs none). channel_scale is the forward's.
   m.def(
       "conv_relu_bn_backward(Tensor grad_y, Tensor x, Tensor weight, "
       "Tensor relu_out, Tensor bn_weight, Tensor mean, Tensor var, "
-      "bool training, float eps, int padding, bool compute_grad_x) "
+      "bool training, float eps, int padding, bool compute_grad_x, "
+      "Tensor? channel_scale=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

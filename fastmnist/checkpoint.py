@@ -15,7 +15,9 @@ from fastmnist.model import build_model
 
 STATE_FILE = "checkpoint.pt"  # resumable training state, rewritten after every epoch
 RUN_FILES = (STATE_FILE, "metrics.json", "model.pt")
-MODEL_FORMAT = "fastmnist-model-v1"
+# v2: each block's Dropout2d lives inside its ConvReLUBN, so the Sequential's
+# indices (and state_dict keys) differ from v1's.
+MODEL_FORMAT = "fastmnist-model-v2"
 
 
 class CheckpointError(Exception):
@@ -114,6 +116,11 @@ def load_model(path, device="cpu"):
     ckpt = _load(path, "model checkpoint", "pass the model.pt that `fastmnist train` wrote")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_kwargs" not in ckpt:
         raise CheckpointError(f"{path}: not a fastmnist model checkpoint (expected a dict with state_dict and model_kwargs)")
+    if ckpt.get("format") != MODEL_FORMAT:
+        raise CheckpointError(
+            f"{path}: saved in format {ckpt.get('format')!r}, but this fastmnist reads {MODEL_FORMAT!r}; "
+            "retrain with this version (`fastmnist train`)"
+        )
     kwargs = dict(ckpt["model_kwargs"])
     # The weights are the same for both impls: use our kernels where this install has them for the device.
     kwargs["impl"] = "fused" if ops.fused_supports(torch.device(device).type) else "stock"

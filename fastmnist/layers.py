@@ -1,5 +1,6 @@
-"""ConvReLUBN: Conv2d -> ReLU -> BatchNorm2d as one module, stock or fused."""
+"""ConvReLUBN: Conv2d -> ReLU -> BatchNorm2d (-> Dropout2d) as one module, stock or fused."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastmnist import ops
@@ -24,25 +25,33 @@ def resolve_impl(impl) -> str:
 
 
 class ConvReLUBN(nn.Module):
-    """bn(relu(conv(x))) with stride 1.
+    """dropout2d(bn(relu(conv(x)))) with stride 1; dropout (default 0) is Dropout2d's p.
 
     Holds a stock nn.Conv2d as .conv and nn.BatchNorm2d as .bn, so parameters,
     buffers and state_dict keys are the stock ones and a state_dict moves freely
-    between impl="stock" and impl="fused".
+    between impl="stock" and impl="fused". The fused path applies the dropout
+    mask inside the operator (its channel_scale), drawn from the same RNG as
+    F.dropout2d, so both impls drop the same channels.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, padding=0, momentum=0.1, eps=1e-5, impl=None):
+    def __init__(self, in_channels, out_channels, kernel_size, padding=0, momentum=0.1, eps=1e-5, dropout=0.0,
+                 impl=None):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.dropout = dropout
         self.impl = resolve_impl(impl)
 
     def extra_repr(self) -> str:
-        return f"impl={self.impl!r}"
+        return f"dropout={self.dropout}, impl={self.impl!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = self.training and self.dropout > 0
         if self.impl == "stock":
-            return self.bn(torch.relu(self.conv(x)))
+            y = self.bn(torch.relu(self.conv(x)))
+            return F.dropout2d(y, self.dropout, training=True) if drop else y
         bn = self.bn
         use_batch_stats = self.training or not bn.track_running_stats
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -62,4 +71,5 @@ class ConvReLUBN(nn.Module):
             momentum,
             bn.eps,
             self.conv.padding[0],
+            ops.dropout2d_scale(x, self.conv.out_channels, self.dropout) if drop else None,
         )

@@ -29,19 +29,19 @@ class Normalize(nn.Module):
 def _layers(impl, dropout, width1, width2):
     """SPEC's network with the 3x3 blocks' widths as parameters: the reference is (16, 16)."""
 
-    def block(cin, cout):
-        return [ConvReLUBN(cin, cout, 3, impl=impl), nn.Dropout2d(dropout)]
+    def block(cin, cout):  # Conv3x3 -> ReLU -> BN -> Dropout2d, one fused op
+        return ConvReLUBN(cin, cout, 3, dropout=dropout, impl=impl)
 
     return [
         Normalize(),
-        *block(1, 16),  # 26x26
-        *block(16, width1),  # 24x24
-        *block(width1, 32),  # 22x22
+        block(1, 16),  # 26x26
+        block(16, width1),  # 24x24
+        block(width1, 32),  # 22x22
         nn.Conv2d(32, 16, 1),
         nn.ReLU(),
         nn.AvgPool2d(2),  # 11x11
-        *block(16, width2),  # 9x9
-        *block(width2, 16),  # 7x7
+        block(16, width2),  # 9x9
+        block(width2, 16),  # 7x7
         nn.Conv2d(16, 10, 1),
         nn.AvgPool2d(7),  # global average pooling: 10 logits
         nn.Flatten(),

@@ -63,20 +63,38 @@ def conv_relu_bn(
     momentum: float = 0.1,
     eps: float = 1e-5,
     padding: int = 0,
+    channel_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """BatchNorm2d(ReLU(Conv2d(x))) with the fused kernels; differentiable.
 
     In training, normalises with the batch statistics and updates running_mean
     and running_var in place (running_var with the unbiased batch variance),
     exactly as torch.nn.BatchNorm2d does; the caller counts num_batches_tracked.
+    channel_scale, an optional (N, Cout) tensor, multiplies the output per
+    image and channel: dropout2d_scale() makes the one Dropout2d would apply.
     """
     require_fused()
+    if channel_scale is not None and channel_scale.requires_grad:
+        raise ValueError("channel_scale must be a constant (a dropout mask); it gets no gradient. Pass it detached.")
     y, _, mean, var = torch.ops.fastmnist.conv_relu_bn(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding, channel_scale
     )
     if training:
         update_running_stats(running_mean, running_var, mean, var, momentum, count=y.numel() // y.shape[1])
     return y
+
+
+def dropout2d_scale(x: Tensor, channels: int, p: float) -> Tensor:
+    """The (N, channels) scale that F.dropout2d(., p) would multiply an (N, channels, H, W) output by.
+
+    Each entry is 0 with probability p, else 1 / (1 - p). It is drawn exactly
+    as ATen's feature dropout draws its noise (one bernoulli_ over N * channels
+    values, then a division), so with the same RNG state the fused and stock
+    paths drop the same channels.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout probability must be in (0, 1), got {p}")
+    return x.new_empty((x.shape[0], channels)).bernoulli_(1.0 - p).div_(1.0 - p)
 
 
 @torch.no_grad()
@@ -100,10 +118,12 @@ def reference_conv_relu_bn(
     momentum: float = 0.1,
     eps: float = 1e-5,
     padding: int = 0,
+    channel_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """The op in stock PyTorch: the test oracle, same signature as conv_relu_bn."""
     r = F.relu(F.conv2d(x, weight, bias, padding=padding))
-    return F.batch_norm(r, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    y = F.batch_norm(r, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return y if channel_scale is None else y * channel_scale[:, :, None, None]
 
 
 def _channels_last_like(x: Tensor, shape) -> Tensor:
@@ -121,32 +141,41 @@ def _register() -> None:
     backward_op = "fastmnist::conv_relu_bn_backward"
 
     @torch.library.register_fake(forward_op)
-    def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding):
+    def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding, channel_scale=None):
         torch._check(x.dim() == 4, lambda: f"x must be 4-D (N, C, H, W), got {tuple(x.shape)}")
         y = _channels_last_like(x, _out_shape(x, weight, padding))
         c = weight.shape[0]
         return y, torch.empty_like(y), x.new_empty(c), x.new_empty(c)
 
     @torch.library.register_fake(backward_op)
-    def _(grad_y, x, weight, relu_out, bn_weight, mean, var, training, eps, padding, compute_grad_x):
+    def _(grad_y, x, weight, relu_out, bn_weight, mean, var, training, eps, padding, compute_grad_x, channel_scale=None):
         grad_x = _channels_last_like(x, x.shape) if compute_grad_x else x.new_empty(0)
         c = weight.shape[0]
         return grad_x, torch.empty_like(weight, memory_format=torch.contiguous_format), x.new_empty(c), x.new_empty(c), x.new_empty(c)
 
     def setup_context(ctx, inputs, output):
-        x, weight, _, bn_weight, _, _, _, training, eps, padding = inputs
+        x, weight, _, bn_weight, _, _, _, training, eps, padding = inputs[:10]
+        channel_scale = inputs[10] if len(inputs) > 10 else None  # omitted: the schema's default
         _, relu_out, mean, var = output
-        ctx.save_for_backward(x, weight, relu_out, bn_weight, mean, var)
+        ctx.save_for_backward(x, weight, relu_out, bn_weight, mean, var, channel_scale)
         ctx.training, ctx.eps, ctx.padding = training, eps, padding
         ctx.mark_non_differentiable(relu_out, mean, var)
+        # Only y carries a gradient; without this, autograd would allocate and
+        # zero-fill a relu_out-sized gradient on every backward (an 8 MB fill
+        # per block and step at the default sizes).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, _grad_relu_out, _grad_mean, _grad_var):
-        x, weight, relu_out, bn_weight, mean, var = ctx.saved_tensors
+        if grad_y is None:  # y did not reach the loss
+            return (None,) * 11
+        x, weight, relu_out, bn_weight, mean, var, channel_scale = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_x, grad_w, grad_b, grad_bn_w, grad_bn_b = torch.ops.fastmnist.conv_relu_bn_backward(
-            grad_y, x, weight, relu_out, bn_weight, mean, var, ctx.training, ctx.eps, ctx.padding, need[0]
+            grad_y, x, weight, relu_out, bn_weight, mean, var, ctx.training, ctx.eps, ctx.padding, need[0],
+            channel_scale,
         )
-        return (grad_x if need[0] else None, grad_w, grad_b, grad_bn_w, grad_bn_b, None, None, None, None, None)
+        # channel_scale is a constant (a dropout mask): no gradient flows to it.
+        return (grad_x if need[0] else None, grad_w, grad_b, grad_bn_w, grad_bn_b) + (None,) * 6
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -154,7 +154,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: on the device, no sync
     seen = 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise checkpoint.CheckpointError(
+                f"{out / checkpoint.STATE_FILE}: its weights do not fit this version's {cfg.model!r} network "
+                f"({str(exc).splitlines()[0][:160]}); it was written by another fastmnist version: "
+                "start a new run with --overwrite or another --out"
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_states(state["rng"], aug_gen, device)

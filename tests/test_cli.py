@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from fastmnist.checkpoint import MODEL_FORMAT
 from fastmnist.cli import main
 
 TINY = ["--epochs", "1", "--limit-train", "1024", "--limit-test", "300", "--no-progress"]
@@ -84,8 +85,16 @@ def test_corrupt_checkpoint(tmp_path):
 
 def test_checkpoint_of_another_model(tmp_path):
     path = tmp_path / "model.pt"
-    torch.save({"state_dict": {"0.weight": torch.zeros(3)}, "model_kwargs": {"name": "default"}}, path)
+    torch.save({"format": MODEL_FORMAT, "state_dict": {"0.weight": torch.zeros(3)},
+                "model_kwargs": {"name": "default"}}, path)
     assert "does not fit the model" in one_line_error(run_cli("eval", "--checkpoint", str(path)))
+
+
+def test_checkpoint_of_an_older_format_says_to_retrain(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"format": "fastmnist-model-v1", "state_dict": {}, "model_kwargs": {"name": "default"}}, path)
+    error = one_line_error(run_cli("eval", "--checkpoint", str(path)))
+    assert "'fastmnist-model-v1'" in error and "retrain" in error
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -53,3 +53,29 @@ def test_fused_and_stock_layers_agree_over_steps(momentum):
     stock.eval(), fused.eval()
     x = torch.randn(2, 4, 9, 9)
     assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_fused
+def test_fused_dropout_drops_the_channels_stock_dropout_drops():
+    """Same RNG state: the fused op's mask is Dropout2d's, so outputs and gradients agree."""
+    torch.manual_seed(0)
+    stock = ConvReLUBN(4, 16, 3, dropout=0.3, impl="stock")
+    fused = ConvReLUBN(4, 16, 3, dropout=0.3, impl="fused")
+    fused.load_state_dict(stock.state_dict())
+    x = torch.randn(8, 4, 9, 9)
+    outs = []
+    for layer in (stock, fused):
+        torch.manual_seed(1)
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y, layer.conv.weight.grad, layer.bn.weight.grad))
+    assert outs[0][0].eq(0).flatten(2).all(-1).any(), "some channels must be dropped"
+    for a, b in zip(*outs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)
+    stock.eval(), fused.eval()  # dropout is the identity in eval
+    assert_close(fused(x), stock.bn(torch.relu(stock.conv(x))), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_dropout_is_refused():
+    with pytest.raises(ValueError, match="dropout must be in"):
+        ConvReLUBN(1, 2, 3, dropout=1.0, impl="stock")

@@ -179,6 +179,57 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fastmnist.conv_relu_bn_backward.default, bargs)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 1, 16, 14, 13, 3, 0), (3, 16, 24, 9, 9, 3, 0), (2, 5, 7, 5, 8, 3, 1)], ids=str)
+def test_channel_scale_matches_stock_times_mask(shape, training, dtype, device):
+    """channel_scale (a Dropout2d mask, some channels 0) scales y; the gradients are those of y * mask."""
+    n, cin, cout, h, w, k, pad = shape
+    conv_s, bn_s = make_layers(cin, cout, k, pad, device, dtype)
+    conv_f, bn_f = make_layers(cin, cout, k, pad, device, dtype)
+    bn_s.train(training), bn_f.train(training)
+    torch.manual_seed(4)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64).to(device, dtype).requires_grad_()
+    mask = (torch.rand(n, cout, dtype=torch.float64) > 0.3).to(device, dtype) / 0.7
+    y_s = stock(conv_s, bn_s, x) * mask[:, :, None, None]
+    y_f = ops.conv_relu_bn(x, conv_f.weight, conv_f.bias, bn_f.weight, bn_f.bias, bn_f.running_mean,
+                           bn_f.running_var, training, 0.1, 1e-5, pad, channel_scale=mask)
+    gy = (torch.randn(y_s.shape, dtype=torch.float64) / n).to(device, dtype)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert_close(y_f, y_s, **tol)
+    for name, a, b in zip(["x", "weight", "bias", "bn_weight", "bn_bias"],
+                          grads(y_f, conv_f, bn_f, x, gy), grads(y_s, conv_s, bn_s, x, gy)):
+        assert_close(a, b, **tol, msg=lambda m: f"grad of {name}: {m}")
+    assert_close(bn_f.running_mean, bn_s.running_mean, **tol)
+    assert_close(bn_f.running_var, bn_s.running_var, **tol)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_channel_scale_gradcheck_and_opcheck(device):
+    conv, bn = make_layers(3, 4, 3, 1, device, torch.float64)
+    x = torch.randn(2, 3, 5, 6, device=device, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([[0.0, 2.0, 1.5, 1.0], [1.0, 0.0, 0.5, 3.0]], device=device, dtype=torch.float64)
+
+    def f(x, w, b, g, beta):
+        return ops.conv_relu_bn(x, w, b, g, beta, bn.running_mean.clone(), bn.running_var.clone(), True, 0.1,
+                                1e-5, 1, channel_scale=scale)
+
+    assert torch.autograd.gradcheck(f, (x, conv.weight, conv.bias, bn.weight, bn.bias))
+    args = (x.float(), conv.weight.float(), conv.bias.float(), bn.weight.float(), bn.bias.float(),
+            bn.running_mean.float(), bn.running_var.float(), True, 1e-5, 1, scale.float())
+    torch.library.opcheck(torch.ops.fastmnist.conv_relu_bn.default, args)
+
+
+def test_dropout2d_scale_draws_what_dropout2d_draws():
+    y = torch.ones(64, 24, 3, 3)
+    torch.manual_seed(7)
+    expected = torch.nn.functional.dropout2d(y, 0.2, training=True)[:, :, 0, 0]
+    torch.manual_seed(7)
+    assert torch.equal(ops.dropout2d_scale(y, 24, 0.2), expected)
+    assert expected.eq(0).any() and expected.eq(1 / 0.8).any()
+
+
 @pytest.mark.needs_cuda
 def test_cuda_matches_cpu():
     """Fused CUDA equals fused CPU on the same inputs and parameters."""
@@ -214,8 +265,11 @@ def test_grad_x_skipped_when_input_needs_none():
         (lambda a: {**a, "x": a["x"][:, :, :1, :1]}, "smaller than the kernel"),
         (lambda a: {**a, "x": a["x"][:1, :, :3, :3]}, "more than 1 value per channel"),
         (lambda a: {**a, "padding": -1}, "padding"),
+        (lambda a: {**a, "channel_scale": torch.ones(2, 3)}, r"channel_scale must have shape \(2, 4\)"),
+        (lambda a: {**a, "channel_scale": torch.ones(2, 4, dtype=torch.float64)}, "channel_scale has dtype"),
     ],
-    ids=["dtype", "rank", "channels", "int", "bias", "bn_weight", "running_var", "too_small", "one_value", "padding"],
+    ids=["dtype", "rank", "channels", "int", "bias", "bn_weight", "running_var", "too_small", "one_value", "padding",
+         "channel_scale_shape", "channel_scale_dtype"],
 )
 def test_bad_inputs_raise_clear_errors(change, message):
     conv, bn = make_layers(3, 4, 3, 0, "cpu", torch.float32)

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -48,6 +49,17 @@ void check_channel_vector(const at::Tensor& t, const at::Tensor& x, int64_t cout
   check_same(t, x, name);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == cout, "conv_relu_bn: ", name, " must have shape (", cout,
               ",) to match weight's output channels, got ", t.sizes());
+}
+
+// channel_scale, when given, must be (N, Cout) like x: one factor per image and output channel.
+const at::Tensor* check_channel_scale(const std::optional<at::Tensor>& channel_scale, const at::Tensor& x,
+                                      int64_t n, int64_t cout) {
+  if (!channel_scale.has_value()) return nullptr;
+  const at::Tensor& t = *channel_scale;
+  check_same(t, x, "channel_scale");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == cout, "conv_relu_bn: channel_scale must have shape (",
+              n, ", ", cout, ") (batch, output channels), got ", t.sizes());
+  return &t;
 }
 
 ConvGeometry check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t padding) {
@@ -351,14 +363,42 @@ void relu_epilogue_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ b
   }
 }
 
+// scaled[c] = v[c] * s[c] for c < C, or v itself when there is no s.
 template <typename scalar_t>
-void relu_epilogue(scalar_t* z, const scalar_t* bias, int64_t rows, int64_t channels, bool training, double* sum,
-                   double* sumsq, const scalar_t* scale, const scalar_t* shift, scalar_t* y) {
-  std::vector<scalar_t> acc(2 * channels);
+const scalar_t* times_scale(const scalar_t* v, const scalar_t* s, int64_t C, scalar_t* scaled) {
+  if (s == nullptr) return v;
+  for (int64_t c = 0; c < C; ++c) scaled[c] = v[c] * s[c];
+  return scaled;
+}
+
+// relu_epilogue_impl over `images` images of P pixels each. In eval the
+// affine map is multiplied by each image's channel scale (when there is one).
+template <typename scalar_t>
+void relu_epilogue(scalar_t* z, const scalar_t* bias, int64_t images, int64_t P, int64_t channels, bool training,
+                   double* sum, double* sumsq, const scalar_t* scale, const scalar_t* shift,
+                   const scalar_t* channel_scale, scalar_t* y) {
+  std::vector<scalar_t> acc(4 * channels);
+  scalar_t* scale_n = acc.data() + 2 * channels;
+  scalar_t* shift_n = scale_n + channels;
   dispatch_channels(channels, [&](auto CO) {
-    relu_epilogue_impl<scalar_t, decltype(CO)::value>(z, bias, rows, channels, training, sum, sumsq, scale, shift,
-                                                      y, acc.data(), acc.data() + channels);
+    for (int64_t b = 0; b < images; ++b) {
+      const scalar_t* s = channel_scale ? channel_scale + b * channels : nullptr;
+      const int64_t at = b * P * channels;
+      relu_epilogue_impl<scalar_t, decltype(CO)::value>(
+          z + at, bias, P, channels, training, sum, sumsq, times_scale(scale, s, channels, scale_n),
+          times_scale(shift, s, channels, shift_n), y + at, acc.data(), acc.data() + channels);
+    }
   });
+}
+
+// y = r * scale[c] + shift[c] over rows x C. CO as in relu_epilogue_impl.
+template <typename scalar_t, int64_t CO>
+void normalize_rows(const scalar_t* __restrict__ r, int64_t rows, int64_t channels, const scalar_t* __restrict__ sc,
+                    const scalar_t* __restrict__ sh, scalar_t* __restrict__ y) {
+  const int64_t C = CO > 0 ? CO : channels;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < C; ++c) y[i * C + c] = r[i * C + c] * sc[c] + sh[c];
+  }
 }
 
 // Forward, per chunk of images:
@@ -373,8 +413,8 @@ void relu_epilogue(scalar_t* z, const scalar_t* bias, int64_t rows, int64_t chan
 template <typename scalar_t>
 void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  const at::Tensor& gamma, const at::Tensor& beta, const ConvGeometry& g,
-                                 bool training, double eps, at::Tensor& mean, at::Tensor& var,
-                                 at::Tensor& relu_out, at::Tensor& y) {
+                                 bool training, double eps, const scalar_t* channel_scale, at::Tensor& mean,
+                                 at::Tensor& var, at::Tensor& relu_out, at::Tensor& y) {
   const int64_t P = g.pixels(), C = g.cout;
   const int threads = at::get_num_threads();
   const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -407,8 +447,9 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
   for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
     scalar_t* z = r_ptr + first * P * C;
     conv.forward(x_ptr, first, count, thread, z);
-    relu_epilogue<scalar_t>(z, b_ptr, count * P, C, training, partial_sum.data() + thread * C,
-                            partial_sumsq.data() + thread * C, scale.data(), shift.data(), y_ptr + first * P * C);
+    relu_epilogue<scalar_t>(z, b_ptr, count, P, C, training, partial_sum.data() + thread * C,
+                            partial_sumsq.data() + thread * C, scale.data(), shift.data(),
+                            channel_scale ? channel_scale + first * C : nullptr, y_ptr + first * P * C);
   });
   if (!training) return;
 
@@ -422,15 +463,16 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
     var_ptr[c] = static_cast<scalar_t>(v64[c]);
   }
   set_affine(m64.data(), v64.data());
-  const scalar_t* __restrict__ sc = scale.data();
-  const scalar_t* __restrict__ sh = shift.data();
-  dispatch_channels(C, [&](auto CO) {
-    const int64_t Cc = CO ? int64_t(CO) : C;
-    at::parallel_for(0, g.n * P, 2048, [&](int64_t begin, int64_t end) {
-      const scalar_t* __restrict__ rr = r_ptr + begin * Cc;
-      scalar_t* __restrict__ yr = y_ptr + begin * Cc;
-      for (int64_t i = 0; i < end - begin; ++i) {
-        for (int64_t c = 0; c < Cc; ++c) yr[i * Cc + c] = rr[i * Cc + c] * sc[c] + sh[c];
+  // y = r * scale + shift, image by image so each image's channel scale folds into the affine map.
+  at::parallel_for(0, g.n, std::max<int64_t>(1, 2048 / P), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> affine_n(2 * C);
+    dispatch_channels(C, [&](auto CO) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* s = channel_scale ? channel_scale + b * C : nullptr;
+        normalize_rows<scalar_t, decltype(CO)::value>(r_ptr + b * P * C, P, C,
+                                                      times_scale(scale.data(), s, C, affine_n.data()),
+                                                      times_scale(shift.data(), s, C, affine_n.data() + C),
+                                                      y_ptr + b * P * C);
       }
     });
   });
@@ -439,8 +481,9 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_forward(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
-    double eps, int64_t padding) {
+    double eps, int64_t padding, const std::optional<at::Tensor>& channel_scale_in) {
   const ConvGeometry g = check_conv_inputs(x_in, weight, padding);
+  const at::Tensor* channel_scale = check_channel_scale(channel_scale_in, x_in, g.n, g.cout);
   check_channel_vector(bias, x_in, g.cout, "bias");
   check_channel_vector(bn_weight, x_in, g.cout, "bn_weight");
   check_channel_vector(bn_bias, x_in, g.cout, "bn_bias");
@@ -460,9 +503,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_forward(
   at::Tensor y = at::empty({g.n, g.cout, g.hout, g.wout}, out_opts);
   at::Tensor mean = training ? at::empty({g.cout}, x.options()) : running_mean.clone(at::MemoryFormat::Contiguous);
   at::Tensor var = training ? at::empty({g.cout}, x.options()) : running_var.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor scale = channel_scale ? channel_scale->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_forward", [&] {
     conv_relu_bn_forward_kernel<scalar_t>(x, weight, bias.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(),
-                                          g, training, eps, mean, var, relu_out, y);
+                                          g, training, eps,
+                                          scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr, mean, var,
+                                          relu_out, y);
   });
   return {y, relu_out, mean, var};
 }
@@ -489,22 +535,35 @@ void bn_grad_sums_impl(const scalar_t* __restrict__ dy, const scalar_t* __restri
   }
 }
 
-// Per-channel reductions the BN backward needs, with xhat = (r - mean) * invstd:
+// Per-channel reductions the BN backward needs, with xhat = (r - mean) * invstd
+// and dy the gradient reaching BN's output (grad_y times the channel scale):
 //   sum_dy[c] = sum dy,   sum_dy_xhat[c] = sum dy * xhat
-// (grad of beta and gamma respectively).
+// (grad of beta and gamma respectively). Summed image by image, so an
+// image's channel scale multiplies its two sums rather than every element.
 template <typename scalar_t>
-void bn_grad_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r, const std::vector<double>& mean,
-                         const std::vector<double>& invstd, int64_t rows, int64_t C, std::vector<double>& sum_dy,
-                         std::vector<double>& sum_dy_xhat) {
+void bn_grad_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r,
+                         const scalar_t* channel_scale, const std::vector<double>& mean,
+                         const std::vector<double>& invstd, int64_t images, int64_t P, int64_t C,
+                         std::vector<double>& sum_dy, std::vector<double>& sum_dy_xhat) {
   const int threads = at::get_num_threads();
   std::vector<double> p_dy(threads * C, 0.0), p_dyr(threads * C, 0.0);
-  at::parallel_for(0, rows, 2048, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, images, std::max<int64_t>(1, 2048 / P), [&](int64_t begin, int64_t end) {
     const int64_t t = at::get_thread_num();
     std::vector<scalar_t> acc(2 * C);
+    std::vector<double> image_dy(C), image_dyr(C);
     dispatch_channels(C, [&](auto CO) {
-      bn_grad_sums_impl<scalar_t, decltype(CO)::value>(dy + begin * C, r + begin * C, end - begin, C,
-                                                       p_dy.data() + t * C, p_dyr.data() + t * C, acc.data(),
-                                                       acc.data() + C);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(image_dy.begin(), image_dy.end(), 0.0);
+        std::fill(image_dyr.begin(), image_dyr.end(), 0.0);
+        bn_grad_sums_impl<scalar_t, decltype(CO)::value>(dy + b * P * C, r + b * P * C, P, C, image_dy.data(),
+                                                         image_dyr.data(), acc.data(), acc.data() + C);
+        const scalar_t* s = channel_scale ? channel_scale + b * C : nullptr;
+        for (int64_t c = 0; c < C; ++c) {
+          const double k = s ? static_cast<double>(s[c]) : 1.0;
+          p_dy[t * C + c] += k * image_dy[c];
+          p_dyr[t * C + c] += k * image_dyr[c];
+        }
+      }
     });
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -539,17 +598,27 @@ void relu_bn_grad_impl(const scalar_t* __restrict__ dy, const scalar_t* __restri
   }
 }
 
+// relu_bn_grad_impl over `images` images of P pixels; an image's channel
+// scale s multiplies its dy, so it folds into the coefficient a.
 template <typename scalar_t>
 void relu_bn_grad(const scalar_t* dy, const scalar_t* r, const scalar_t* a, const scalar_t* b, const scalar_t* d,
-                  int64_t rows, int64_t channels, scalar_t* dz, double* grad_bias) {
-  std::vector<scalar_t> acc(channels);
+                  const scalar_t* channel_scale, int64_t images, int64_t P, int64_t channels, scalar_t* dz,
+                  double* grad_bias) {
+  std::vector<scalar_t> acc(2 * channels);
   dispatch_channels(channels, [&](auto CO) {
-    relu_bn_grad_impl<scalar_t, decltype(CO)::value>(dy, r, a, b, d, rows, channels, dz, grad_bias, acc.data());
+    for (int64_t i = 0; i < images; ++i) {
+      const int64_t at = i * P * channels;
+      const scalar_t* a_n = times_scale(a, channel_scale ? channel_scale + i * channels : nullptr, channels,
+                                        acc.data() + channels);
+      relu_bn_grad_impl<scalar_t, decltype(CO)::value>(dy + at, r + at, a_n, b, d, P, channels, dz + at, grad_bias,
+                                                       acc.data());
+    }
   });
 }
 
-// Backward, with M values per channel, invstd = 1 / sqrt(var + eps) and
-// xhat = (r - mean) invstd. BatchNorm (training, batch statistics):
+// Backward, with M values per channel, invstd = 1 / sqrt(var + eps),
+// xhat = (r - mean) invstd and dy = grad_y * channel_scale (or grad_y).
+// BatchNorm (training, batch statistics):
 //   dr = gamma invstd (dy - sum_dy / M - xhat sum_dy_xhat / M)
 // or, in eval (fixed statistics), dr = gamma invstd dy. ReLU passes dr where
 // r > 0: dz = dr [r > 0]. That elementwise pass is fused with the convolution
@@ -560,7 +629,7 @@ template <typename scalar_t>
 void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& r_t, const at::Tensor& gamma, const at::Tensor& mean_t,
                                   const at::Tensor& var_t, const ConvGeometry& g, bool training, double eps,
-                                  bool compute_grad_x, at::Tensor& grad_x, at::Tensor& grad_wmat,
+                                  bool compute_grad_x, const scalar_t* channel_scale, at::Tensor& grad_x, at::Tensor& grad_wmat,
                                   at::Tensor& grad_bias, at::Tensor& grad_gamma, at::Tensor& grad_beta) {
   const int64_t P = g.pixels(), K = g.patch(), C = g.cout, rows_total = g.n * P;
   const int threads = at::get_num_threads();
@@ -574,7 +643,7 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     mean[c] = mean_t.const_data_ptr<scalar_t>()[c];
     invstd[c] = 1.0 / std::sqrt(static_cast<double>(var_t.const_data_ptr<scalar_t>()[c]) + eps);
   }
-  bn_grad_sums_kernel(dy, r, mean, invstd, rows_total, C, sum_dy, sum_dy_xhat);
+  bn_grad_sums_kernel(dy, r, channel_scale, mean, invstd, g.n, P, C, sum_dy, sum_dy_xhat);
 
   // dz = a[c] * dy + b[c] * r + d[c] where r > 0, else 0: the BN gradient is
   // affine in (dy, r) per channel, so it is three coefficients.
@@ -609,7 +678,8 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     const int64_t rows = count * P;
     auto& dz = dz_buffers[thread];
     dz.resize(rows * C);
-    relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(), rows, C, dz.data(),
+    relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(),
+                           channel_scale ? channel_scale + first * C : nullptr, count, P, C, dz.data(),
                            grad_b_acc.data() + thread * C);
     conv.weight_grad(x_ptr, dz.data(), first, count, thread, grad_w_acc.data() + thread * C * K);
     if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx_ptr + first * g.h * g.w * g.cin);
@@ -624,8 +694,9 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_backward(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out,
     const at::Tensor& bn_weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
-    int64_t padding, bool compute_grad_x) {
+    int64_t padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale_in) {
   const ConvGeometry g = check_conv_inputs(x_in, weight, padding);
+  const at::Tensor* channel_scale = check_channel_scale(channel_scale_in, x_in, g.n, g.cout);
   const std::vector<int64_t> out_shape{g.n, g.cout, g.hout, g.wout};
   TORCH_CHECK(grad_y.sizes() == out_shape, "conv_relu_bn_backward: grad_y has shape ", grad_y.sizes(),
               ", expected ", out_shape);
@@ -650,10 +721,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
   at::Tensor grad_bias = at::empty({g.cout}, x.options());
   at::Tensor grad_gamma = at::empty({g.cout}, x.options());
   at::Tensor grad_beta = at::empty({g.cout}, x.options());
+  const at::Tensor scale = channel_scale ? channel_scale->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_backward", [&] {
     conv_relu_bn_backward_kernel<scalar_t>(dy, x, weight, r, bn_weight.contiguous(), mean.contiguous(),
-                                           var.contiguous(), g, training, eps, compute_grad_x, grad_x, grad_wmat,
-                                           grad_bias, grad_gamma, grad_beta);
+                                           var.contiguous(), g, training, eps, compute_grad_x,
+                                           scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr, grad_x,
+                                           grad_wmat, grad_bias, grad_gamma, grad_beta);
   });
   // grad_wmat[co, (ky, kx, ci)] -> grad_weight[co, ci, ky, kx]
   at::Tensor grad_weight =

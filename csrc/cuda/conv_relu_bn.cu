@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -493,6 +494,20 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, int64_t padd
   return s;
 }
 
+// channel_scale (N, Cout) as a broadcastable (N, Cout, 1, 1) view, or an
+// undefined tensor. On the GPU it is applied with one elementwise multiply
+// (forward on y, backward on grad_y) rather than inside our kernels.
+at::Tensor channel_scale_view(const std::optional<at::Tensor>& channel_scale, const char* op,
+                              const at::Tensor& x, const ConvShape& s) {
+  if (!channel_scale.has_value()) return at::Tensor();
+  const at::Tensor& t = *channel_scale;
+  check_like_x(t, op, "channel_scale", x);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == s.n && t.size(1) == s.cout, op,
+              ": channel_scale must have shape (", s.n, ", ", s.cout,
+              ") (batch, output channels), got ", t.sizes());
+  return t.view({s.n, s.cout, 1, 1});
+}
+
 at::Tensor empty_channels_last(const at::Tensor& x, int64_t n, int64_t c, int64_t h, int64_t w) {
   return at::empty({n, c, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
@@ -500,9 +515,11 @@ at::Tensor empty_channels_last(const at::Tensor& x, int64_t n, int64_t c, int64_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& running_mean,
-    const at::Tensor& running_var, bool training, double eps, int64_t padding) {
+    const at::Tensor& running_var, bool training, double eps, int64_t padding,
+    const std::optional<at::Tensor>& channel_scale) {
   const char* op = "conv_relu_bn";
   const ConvShape s = conv_shape(x, weight, padding, op);
+  const at::Tensor scale_view = channel_scale_view(channel_scale, op, x, s);
   check_channel_vector(bias, op, "bias", x, s.cout);
   check_channel_vector(bn_weight, op, "bn_weight", x, s.cout);
   check_channel_vector(bn_bias, op, "bn_bias", x, s.cout);
@@ -561,6 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_cuda(
         relu_out.data_ptr<scalar_t>(), scale, shift, numel, s.cout, y.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (scale_view.defined()) y.mul_(scale_view);
   return std::make_tuple(y, relu_out, mean, var);
 }
 
@@ -613,9 +631,10 @@ conv_relu_bn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                            const at::Tensor& weight, const at::Tensor& relu_out,
                            const at::Tensor& bn_weight, const at::Tensor& mean,
                            const at::Tensor& var, bool training, double eps, int64_t padding,
-                           bool compute_grad_x) {
+                           bool compute_grad_x, const std::optional<at::Tensor>& channel_scale) {
   const char* op = "conv_relu_bn_backward";
   const ConvShape s = conv_shape(x, weight, padding, op);
+  const at::Tensor scale_view = channel_scale_view(channel_scale, op, x, s);
   check_activation(grad_y, op, "grad_y", x, s);
   check_activation(relu_out, op, "relu_out", x, s);
   check_channel_vector(bn_weight, op, "bn_weight", x, s.cout);
@@ -625,7 +644,9 @@ conv_relu_bn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor dy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+  // The gradient reaching BN's output: grad_y times the channel scale.
+  const at::Tensor dy = (scale_view.defined() ? grad_y * scale_view : grad_y)
+                            .contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor r = relu_out.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor bn_weight_c = bn_weight.contiguous();
