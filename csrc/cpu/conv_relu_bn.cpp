@@ -243,7 +243,8 @@ struct ConvProducts {
   }
 
   // grad_wmat[co, k] += sum over the chunk's pixels of dz[p, co] col[p, k],
-  // summed per chunk in scalar_t and across chunks in double (acc).
+  // summed per chunk in scalar_t and across chunks in double (acc, laid out
+  // (K, Cout) when tiled, as the tiles are, else (Cout, K): see acc_index).
   void weight_grad(const scalar_t* x, const scalar_t* dz, int64_t first, int64_t count, int thread, double* acc) {
     const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
     auto& tile = grad_tile[thread];
@@ -254,8 +255,7 @@ struct ConvProducts {
         fastmnist_cpu::weight_grad(reinterpret_cast<const float*>(in),
                                    reinterpret_cast<const float*>(dz + (b - first) * P * C), forward_geometry(), C,
                                    reinterpret_cast<float*>(tile.data()));
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t c = 0; c < C; ++c) acc[c * K + k] += tile[k * C + c];
+        for (int64_t i = 0; i < K * C; ++i) acc[i] += tile[i];
       }
       return;
     }
@@ -298,6 +298,9 @@ struct ConvProducts {
       col2im(col[thread].data(), count, g, dx);
     }
   }
+
+  // Where weight_grad's acc holds grad_wmat[co, k].
+  int64_t acc_index(int64_t co, int64_t k) const { return tiled ? k * g.cout + co : co * g.patch() + k; }
 
   // Images per chunk: one for the tiled loops, else enough rows for the GEMM.
   int64_t chunk() const { return tiled ? 1 : g.images_per_chunk(sizeof(scalar_t)); }
@@ -686,7 +689,9 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
   });
 
   scalar_t* gwm = grad_wmat.mutable_data_ptr<scalar_t>();
-  for (int64_t i = 0; i < C * K; ++i) gwm[i] = static_cast<scalar_t>(sum_over_threads(grad_w_acc, threads, C * K, i));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < K; ++k)
+      gwm[c * K + k] = static_cast<scalar_t>(sum_over_threads(grad_w_acc, threads, C * K, conv.acc_index(c, k)));
   scalar_t* gbias = grad_bias.mutable_data_ptr<scalar_t>();
   for (int64_t c = 0; c < C; ++c) gbias[c] = static_cast<scalar_t>(sum_over_threads(grad_b_acc, threads, C, c));
 }
