@@ -4,7 +4,10 @@ on the same batches. Reports the median step time, the epoch time it implies
 (469 steps of 128) and each variant's ratio to stock eager; writes JSON under
 benchmarks/results/ (or $OUT).
 
-    python benchmarks/epoch_time.py [--device cpu|cuda] [--rounds 12] [--steps 10]
+    python benchmarks/epoch_time.py [--device cpu|cuda] [--rounds 30] [--steps 4]
+
+Rounds are short (4 steps per variant) so that the machine's drift, which on
+a shared 2-core VM comes in bursts of seconds, falls on every variant alike.
 """
 import argparse
 import datetime
@@ -81,8 +84,8 @@ class StepTimer:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (the first 2 are warm-up)")
-    parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (the first 2 are warm-up)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")

@@ -95,6 +95,16 @@ def test_existing_run_is_not_replaced(mnist_dir, tmp_path):
     train(tiny(mnist_dir, tmp_path / "run", epochs=1), overwrite=True, log=quiet)
 
 
+def test_resuming_a_checkpoint_of_another_layout_says_what_to_do(mnist_dir, tmp_path):
+    """A checkpoint whose keys are another version's (v1 had separate Dropout2d layers) is refused in one line."""
+    train(tiny(mnist_dir, tmp_path / "run", epochs=1), log=quiet)
+    state = checkpoint.load_training_state(tmp_path / "run")
+    state["model"] = {f"9{k}": v for k, v in state["model"].items()}
+    checkpoint.save_training_state(tmp_path / "run", state)
+    with pytest.raises(checkpoint.CheckpointError, match="another fastmnist version.*--overwrite"):
+        train(tiny(mnist_dir, tmp_path / "run", epochs=2), resume=True, log=quiet)
+
+
 def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "state.pt"
     checkpoint.torch_save_atomic({"a": 1}, path)
