@@ -69,8 +69,6 @@ def build_model(name="default", impl=None, dropout=0.05) -> FastMNISTNet:
     """Build a network by name; impl is 'fused', 'stock' or None/'auto' (fused where built)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     return FastMNISTNet(*MODELS[name](resolve_impl(impl), dropout))
 
 
