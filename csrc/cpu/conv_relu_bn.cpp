@@ -366,6 +366,12 @@ void relu_epilogue_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ b
   }
 }
 
+// Image n's row of an (N, C) channel scale, or nullptr when there is no scale.
+template <typename scalar_t>
+const scalar_t* image_scale(const scalar_t* channel_scale, int64_t n, int64_t C) {
+  return channel_scale ? channel_scale + n * C : nullptr;
+}
+
 // scaled[c] = v[c] * s[c] for c < C, or v itself when there is no s.
 template <typename scalar_t>
 const scalar_t* times_scale(const scalar_t* v, const scalar_t* s, int64_t C, scalar_t* scaled) {
@@ -385,7 +391,7 @@ void relu_epilogue(scalar_t* z, const scalar_t* bias, int64_t images, int64_t P,
   scalar_t* shift_n = scale_n + channels;
   dispatch_channels(channels, [&](auto CO) {
     for (int64_t b = 0; b < images; ++b) {
-      const scalar_t* s = channel_scale ? channel_scale + b * channels : nullptr;
+      const scalar_t* s = image_scale(channel_scale, b, channels);
       const int64_t at = b * P * channels;
       relu_epilogue_impl<scalar_t, decltype(CO)::value>(
           z + at, bias, P, channels, training, sum, sumsq, times_scale(scale, s, channels, scale_n),
@@ -452,7 +458,7 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
     conv.forward(x_ptr, first, count, thread, z);
     relu_epilogue<scalar_t>(z, b_ptr, count, P, C, training, partial_sum.data() + thread * C,
                             partial_sumsq.data() + thread * C, scale.data(), shift.data(),
-                            channel_scale ? channel_scale + first * C : nullptr, y_ptr + first * P * C);
+                            image_scale(channel_scale, first, C), y_ptr + first * P * C);
   });
   if (!training) return;
 
@@ -471,7 +477,7 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
     std::vector<scalar_t> affine_n(2 * C);
     dispatch_channels(C, [&](auto CO) {
       for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* s = channel_scale ? channel_scale + b * C : nullptr;
+        const scalar_t* s = image_scale(channel_scale, b, C);
         normalize_rows<scalar_t, decltype(CO)::value>(r_ptr + b * P * C, P, C,
                                                       times_scale(scale.data(), s, C, affine_n.data()),
                                                       times_scale(shift.data(), s, C, affine_n.data() + C),
@@ -560,7 +566,7 @@ void bn_grad_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __rest
         std::fill(image_dyr.begin(), image_dyr.end(), 0.0);
         bn_grad_sums_impl<scalar_t, decltype(CO)::value>(dy + b * P * C, r + b * P * C, P, C, image_dy.data(),
                                                          image_dyr.data(), acc.data(), acc.data() + C);
-        const scalar_t* s = channel_scale ? channel_scale + b * C : nullptr;
+        const scalar_t* s = image_scale(channel_scale, b, C);
         for (int64_t c = 0; c < C; ++c) {
           const double k = s ? static_cast<double>(s[c]) : 1.0;
           p_dy[t * C + c] += k * image_dy[c];
@@ -611,7 +617,7 @@ void relu_bn_grad(const scalar_t* dy, const scalar_t* r, const scalar_t* a, cons
   dispatch_channels(channels, [&](auto CO) {
     for (int64_t i = 0; i < images; ++i) {
       const int64_t at = i * P * channels;
-      const scalar_t* a_n = times_scale(a, channel_scale ? channel_scale + i * channels : nullptr, channels,
+      const scalar_t* a_n = times_scale(a, image_scale(channel_scale, i, channels), channels,
                                         acc.data() + channels);
       relu_bn_grad_impl<scalar_t, decltype(CO)::value>(dy + at, r + at, a_n, b, d, P, channels, dz + at, grad_bias,
                                                        acc.data());
@@ -682,7 +688,7 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     auto& dz = dz_buffers[thread];
     dz.resize(rows * C);
     relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(),
-                           channel_scale ? channel_scale + first * C : nullptr, count, P, C, dz.data(),
+                           image_scale(channel_scale, first, C), count, P, C, dz.data(),
                            grad_b_acc.data() + thread * C);
     conv.weight_grad(x_ptr, dz.data(), first, count, thread, grad_w_acc.data() + thread * C * K);
     if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx_ptr + first * g.h * g.w * g.cin);
