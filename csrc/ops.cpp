@@ -40,4 +40,24 @@ TORCH_LIBRARY(fastmnist, m) {
       "bool training, float eps, int padding, bool compute_grad_x, "
       "Tensor? channel_scale=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The path the kernels take for a convolution of x with weight: on the
+  // CPU e.g. "avx2 tiles", "avx512 tiles, Cout 20 padded to 24" or
+  // "im2col+BLAS: <why the tiles do not apply>". compute_grad_x: whether
+  // the input gradient is asked for too. For tests and for users who want to
+  // see that no block runs on the generic path unnoticed.
+  // out = AvgPool2d(pool)(ReLU(Conv2d(x, weight, bias, stride=1, padding)))
+  // with the ReLU only when relu is true: the network's transition (1x1 conv,
+  // ReLU, AvgPool2d(2)) and head (1x1 conv, global average pooling) as one
+  // op each. Returns (out, relu_out); relu_out is what the backward's ReLU
+  // mask needs (an empty tensor without ReLU). Pooling is floor-mode with
+  // stride = pool, as nn.AvgPool2d(pool).
+  m.def(
+      "conv_relu_pool(Tensor x, Tensor weight, Tensor bias, bool relu, int padding, int pool) "
+      "-> (Tensor, Tensor)");
+  // Gradients of conv_relu_pool's out with respect to (x, weight, bias);
+  // grad_x is an empty tensor when compute_grad_x is false.
+  m.def(
+      "conv_relu_pool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor relu_out, bool relu, "
+      "int padding, int pool, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
+  m.def("conv_path(Tensor x, Tensor weight, int padding, bool compute_grad_x) -> str");
 }

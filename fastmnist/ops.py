@@ -84,6 +84,29 @@ def conv_relu_bn(
     return y
 
 
+def conv_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, pool: int, relu: bool = True, padding: int = 0) -> Tensor:
+    """AvgPool2d(pool)(ReLU(Conv2d(x))) (the ReLU only when relu) with the fused kernels; differentiable.
+
+    The network's transition (1x1 conv, ReLU, AvgPool2d(2)) and head (1x1 conv,
+    global average pooling) are each one call.
+    """
+    require_fused()
+    out, _ = torch.ops.fastmnist.conv_relu_pool(x, weight, bias, relu, padding, pool)
+    return out
+
+
+def conv_path(x: Tensor, weight: Tensor, padding: int = 0, compute_grad_x: bool = True) -> str:
+    """Which kernel path the fused op takes for a convolution of x with weight.
+
+    On the CPU: "avx2 tiles" or "avx512 tiles" (register-tiled loops; the ISA
+    is the best that ATen's CPU capability allows and the CPU has, so
+    ATEN_CPU_CAPABILITY=avx2|default forces a slower one), with any channel
+    padding named ("Cout 20 padded to 24"), or "im2col+BLAS: <why>".
+    """
+    require_fused()
+    return torch.ops.fastmnist.conv_path(x, weight, padding, compute_grad_x)
+
+
 def dropout2d_scale(x: Tensor, channels: int, p: float) -> Tensor:
     """The (N, channels) scale that F.dropout2d(., p) would multiply an (N, channels, H, W) output by.
 
@@ -151,7 +174,8 @@ def _register() -> None:
     def _(grad_y, x, weight, relu_out, bn_weight, mean, var, training, eps, padding, compute_grad_x, channel_scale=None):
         grad_x = _channels_last_like(x, x.shape) if compute_grad_x else x.new_empty(0)
         c = weight.shape[0]
-        return grad_x, torch.empty_like(weight, memory_format=torch.contiguous_format), x.new_empty(c), x.new_empty(c), x.new_empty(c)
+        # grad_weight comes in the weight's own memory format (no AccumulateGrad copy)
+        return grad_x, torch.empty_like(weight), x.new_empty(c), x.new_empty(c), x.new_empty(c)
 
     def setup_context(ctx, inputs, output):
         x, weight, _, bn_weight, _, _, _, training, eps, padding = inputs[:10]
@@ -176,6 +200,41 @@ def _register() -> None:
         )
         # channel_scale is a constant (a dropout mask): no gradient flows to it.
         return (grad_x if need[0] else None, grad_w, grad_b, grad_bn_w, grad_bn_b) + (None,) * 6
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    _register_conv_relu_pool()
+
+
+def _register_conv_relu_pool() -> None:
+    forward_op = "fastmnist::conv_relu_pool"
+
+    @torch.library.register_fake(forward_op)
+    def _(x, weight, bias, relu, padding, pool):
+        n, cout, h, w = _out_shape(x, weight, padding)
+        relu_out = _channels_last_like(x, (n, cout, h, w)) if relu else x.new_empty(0)
+        return _channels_last_like(x, (n, cout, h // pool, w // pool)), relu_out
+
+    @torch.library.register_fake("fastmnist::conv_relu_pool_backward")
+    def _(grad_out, x, weight, relu_out, relu, padding, pool, compute_grad_x):
+        grad_x = _channels_last_like(x, x.shape) if compute_grad_x else x.new_empty(0)
+        return grad_x, torch.empty_like(weight), x.new_empty(weight.shape[0])
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _, relu, padding, pool = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.relu, ctx.padding, ctx.pool = relu, padding, pool
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_out, _grad_relu_out):
+        if grad_out is None:
+            return (None,) * 6
+        x, weight, relu_out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grad_w, grad_b = torch.ops.fastmnist.conv_relu_pool_backward(
+            grad_out, x, weight, relu_out, ctx.relu, ctx.padding, ctx.pool, need[0]
+        )
+        return (grad_x if need[0] else None, grad_w, grad_b, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

@@ -4,327 +4,45 @@
 // indexing a pixel's 3x3 (or 1x1) patch and wmat[co, k] the weight in that order,
 //     z[p, co] = sum_k patch(p)[k] wmat[co, k] + bias[co].
 // Work is split over images. ConvProducts computes the convolution's three
-// products (forward, weight gradient, input gradient) for a chunk of images:
-// on CPUs with AVX2 and FMA with register-tiled loops straight from the image
-// (conv_tiles_avx2.h), elsewhere by building the patch matrix (im2col) of a
-// few images in a cache-sized buffer and calling torch's BLAS. The rows of z
+// products (forward, weight gradient, input gradient) for a chunk of images
+// (conv_products.h: register tiles per ISA, or im2col and torch's BLAS). The rows of z
 // are finished while they are still in cache: bias, ReLU and the per-channel
 // sums of the batch statistics in one epilogue. One more pass normalises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "conv_tiles_avx2.h"
+#include "../checks.h"
+#include "conv_products.h"
+#include "dispatch_channels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
-// Patch matrices are built for this many bytes' worth of images at a time,
-// so that a chunk's col and GEMM output stay in a core's L2 cache.
-constexpr int64_t kChunkBytes = 256 * 1024;
+using namespace fastmnist_cpu;
+using fastmnist::ConvGeometry;
 
-struct ConvGeometry {
-  int64_t n, cin, h, w, cout, kh, kw, pad, hout, wout;
-  int64_t pixels() const { return hout * wout; }  // output pixels per image
-  int64_t patch() const { return kh * kw * cin; }  // K of the GEMM
-  bool is_pointwise() const { return kh == 1 && kw == 1 && pad == 0; }
-  int64_t images_per_chunk(int64_t elem_size) const {
-    int64_t per_image = pixels() * std::max(patch(), cout) * elem_size;
-    return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(per_image, 1));
-  }
-};
+constexpr const char* kOp = "conv_relu_bn";
+constexpr const char* kBackwardOp = "conv_relu_bn_backward";
 
-void check_same(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "conv_relu_bn: ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "conv_relu_bn: ", name, " has dtype ", t.scalar_type(),
-              " but x has dtype ", x.scalar_type(), "; convert both to float32 or float64");
-}
-
-void check_channel_vector(const at::Tensor& t, const at::Tensor& x, int64_t cout, const char* name) {
-  check_same(t, x, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == cout, "conv_relu_bn: ", name, " must have shape (", cout,
-              ",) to match weight's output channels, got ", t.sizes());
-}
-
-// channel_scale, when given, must be (N, Cout) like x: one factor per image and output channel.
-const at::Tensor* check_channel_scale(const std::optional<at::Tensor>& channel_scale, const at::Tensor& x,
-                                      int64_t n, int64_t cout) {
-  if (!channel_scale.has_value()) return nullptr;
-  const at::Tensor& t = *channel_scale;
-  check_same(t, x, "channel_scale");
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == cout, "conv_relu_bn: channel_scale must have shape (",
-              n, ", ", cout, ") (batch, output channels), got ", t.sizes());
-  return &t;
-}
-
-ConvGeometry check_conv_inputs(const at::Tensor& x, const at::Tensor& weight, int64_t padding) {
-  TORCH_CHECK(x.dim() == 4, "conv_relu_bn: x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "conv_relu_bn: x must be float32 or float64, got ", x.scalar_type());
-  check_same(weight, x, "weight");
-  TORCH_CHECK(weight.dim() == 4, "conv_relu_bn: weight must be 4-D (Cout, Cin, KH, KW), got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), "conv_relu_bn: x has ", x.size(1), " channels (shape ", x.sizes(),
-              ") but weight expects ", weight.size(1), " (shape ", weight.sizes(), ")");
-  TORCH_CHECK(padding >= 0, "conv_relu_bn: padding must be >= 0, got ", padding);
-  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
-                 weight.size(3), padding, 0, 0};
-  g.hout = g.h + 2 * padding - g.kh + 1;
-  g.wout = g.w + 2 * padding - g.kw + 1;
-  TORCH_CHECK(g.n >= 1, "conv_relu_bn: batch size must be >= 1, got shape ", x.sizes());
-  TORCH_CHECK(g.hout >= 1 && g.wout >= 1, "conv_relu_bn: input ", x.sizes(), " with padding ", padding,
-              " is smaller than the kernel ", weight.sizes());
-  return g;
-}
-
-// wmat[co, (ky * KW + kx) * Cin + ci] = weight[co, ci, ky, kx]
-at::Tensor weight_as_matrix(const at::Tensor& weight) {
-  return weight.permute({0, 2, 3, 1}).contiguous().view({weight.size(0), -1});
-}
-
-// Calls fn(std::integral_constant<int64_t, N>) with N = channels for the
-// channel counts this network uses, else N = 0 (meaning "read it at run time"),
-// so the per-pixel channel loops below compile to straight vector moves.
-template <typename Fn>
-void dispatch_channels(int64_t channels, const Fn& fn) {
-  switch (channels) {
-    case 1: return fn(std::integral_constant<int64_t, 1>{});
-    case 16: return fn(std::integral_constant<int64_t, 16>{});
-    case 24: return fn(std::integral_constant<int64_t, 24>{});
-    case 32: return fn(std::integral_constant<int64_t, 32>{});
-    default: return fn(std::integral_constant<int64_t, 0>{});
-  }
-}
-
-// col[p, (ky * KW + kx) * Cin + ci] = x[iy, ix, ci] (zero outside the image)
-// for `count` images starting at x; rows are image-major. For a fixed output
-// row and tap (ky, kx), consecutive output pixels read consecutive input
-// pixels, so the inner loop is a strided run of Cin-wide copies with no
-// bounds checks; only the padded border columns are special.
-template <typename scalar_t, int64_t CIN>
-void im2col_impl(const scalar_t* __restrict__ x, int64_t count, const ConvGeometry& g, scalar_t* __restrict__ col) {
-  const int64_t cin = CIN > 0 ? CIN : g.cin;
-  const int64_t K = g.kh * g.kw * cin;
-  for (int64_t b = 0; b < count; ++b) {
-    const scalar_t* img = x + b * g.h * g.w * cin;
-    for (int64_t oy = 0; oy < g.hout; ++oy) {
-      scalar_t* rows = col + (b * g.hout + oy) * g.wout * K;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy + ky - g.pad;
-        const bool row_inside = iy >= 0 && iy < g.h;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          scalar_t* dst = rows + (ky * g.kw + kx) * cin;
-          // output columns [lo, hi) read input columns inside the image
-          const int64_t lo = std::max<int64_t>(0, g.pad - kx);
-          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad - kx);
-          for (int64_t ox = 0; ox < g.wout; ++ox) {
-            scalar_t* d = dst + ox * K;
-            if (row_inside && ox >= lo && ox < hi) {
-              const scalar_t* s = img + (iy * g.w + ox + kx - g.pad) * cin;
-              for (int64_t c = 0; c < cin; ++c) d[c] = s[c];
-            } else {
-              for (int64_t c = 0; c < cin; ++c) d[c] = scalar_t(0);
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-// The adjoint of im2col: dx[iy, ix, ci] = sum of dcol[p, (ky * KW + kx) * Cin + ci]
-// over the (p, ky, kx) that read (iy, ix). Same loop order as im2col_impl.
-template <typename scalar_t, int64_t CIN>
-void col2im_impl(const scalar_t* __restrict__ dcol, int64_t count, const ConvGeometry& g, scalar_t* __restrict__ dx) {
-  const int64_t cin = CIN > 0 ? CIN : g.cin;
-  const int64_t K = g.kh * g.kw * cin;
-  std::fill(dx, dx + count * g.h * g.w * cin, scalar_t(0));
-  for (int64_t b = 0; b < count; ++b) {
-    scalar_t* img = dx + b * g.h * g.w * cin;
-    for (int64_t oy = 0; oy < g.hout; ++oy) {
-      const scalar_t* rows = dcol + (b * g.hout + oy) * g.wout * K;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy + ky - g.pad;
-        if (iy < 0 || iy >= g.h) continue;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const scalar_t* src = rows + (ky * g.kw + kx) * cin;
-          const int64_t lo = std::max<int64_t>(0, g.pad - kx);
-          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad - kx);
-          scalar_t* dst = img + (iy * g.w + lo + kx - g.pad) * cin;
-          for (int64_t ox = lo; ox < hi; ++ox, dst += cin) {
-            const scalar_t* s = src + ox * K;
-            for (int64_t c = 0; c < cin; ++c) dst[c] += s[c];
-          }
-        }
-      }
-    }
-  }
-}
-
+// ReLU as torch.relu: NaN passes through (a max(v, 0) would turn it into 0
+// and hide a broken model behind a finite loss).
 template <typename scalar_t>
-void im2col(const scalar_t* x, int64_t count, const ConvGeometry& g, scalar_t* col) {
-  dispatch_channels(g.cin, [&](auto CIN) { im2col_impl<scalar_t, decltype(CIN)::value>(x, count, g, col); });
+inline scalar_t relu(scalar_t v) {
+  return v < scalar_t(0) ? scalar_t(0) : v;
 }
 
+// ReLU's gradient as torch's threshold_backward: g where the output r is not
+// <= 0 (so also where r is NaN), else 0.
 template <typename scalar_t>
-void col2im(const scalar_t* dcol, int64_t count, const ConvGeometry& g, scalar_t* dx) {
-  dispatch_channels(g.cin, [&](auto CIN) { col2im_impl<scalar_t, decltype(CIN)::value>(dcol, count, g, dx); });
-}
-
-// A (rows, cols) matrix view of raw memory, for at::mm_out.
-at::Tensor as_matrix(void* data, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
-  return at::from_blob(data, {rows, cols}, opts);
-}
-
-// The convolution's three products for a chunk of images, by one of two
-// methods: register-tiled AVX2 loops straight from the (padded) image
-// (conv_tiles_avx2.h; float32 on CPUs that have AVX2 and FMA), or else a
-// patch matrix (im2col) and torch's BLAS GEMM. Buffers are per thread.
-template <typename scalar_t>
-struct ConvProducts {
-  const ConvGeometry& g;
-  at::TensorOptions opts;
-  at::Tensor wmat;      // (Cout, K), k = (ky, kx, ci)
-  at::Tensor w_packed;  // tiled: (K, Cout) for the forward
-  at::Tensor w_flipped; // tiled: (KH * KW * Cout, Cin), the flipped, transposed weight for grad_x
-  bool tiled;
-  std::vector<std::vector<scalar_t>> col, padded, grad_tile;
-
-  ConvProducts(const ConvGeometry& geom, const at::Tensor& weight, const at::TensorOptions& options, int threads,
-               bool need_grad_x)
-      : g(geom), opts(options), wmat(weight_as_matrix(weight)), col(threads), padded(threads), grad_tile(threads) {
-    tiled = std::is_same<scalar_t, float>::value && fastmnist_cpu::conv_tiles_handle(g.cout) &&
-            g.pad < g.kh && g.pad < g.kw && (!need_grad_x || fastmnist_cpu::conv_tiles_handle(g.cin));
-    if (tiled) {
-      w_packed = wmat.t().contiguous();
-      if (need_grad_x) w_flipped = weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous().view({-1, g.cin});
-    }
-  }
-
-  // The image zero-padded by (ph, pw) into this thread's buffer (or itself when no padding).
-  const scalar_t* pad_image(const scalar_t* img, int64_t h, int64_t w, int64_t c, int64_t ph, int64_t pw,
-                            int thread) {
-    if (ph == 0 && pw == 0) return img;
-    auto& buf = padded[thread];
-    const int64_t W = w + 2 * pw;
-    buf.assign((h + 2 * ph) * W * c, scalar_t(0));
-    for (int64_t y = 0; y < h; ++y) std::copy_n(img + y * w * c, w * c, buf.data() + ((y + ph) * W + pw) * c);
-    return buf.data();
-  }
-
-  fastmnist_cpu::ImageGeometry forward_geometry() const {
-    return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout};
-  }
-
-  // z[rows of images first .. first + count, Cout] = conv(x), no bias.
-  void forward(const scalar_t* x, int64_t first, int64_t count, int thread, scalar_t* z) {
-    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
-    if (tiled) {
-      for (int64_t b = first; b < first + count; ++b) {
-        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
-        fastmnist_cpu::valid_conv(reinterpret_cast<const float*>(in), w_packed.const_data_ptr<float>(),
-                                  forward_geometry(), C, reinterpret_cast<float*>(z + (b - first) * P * C));
-      }
-      return;
-    }
-    const int64_t rows = count * P;
-    at::Tensor z_mat = as_matrix(z, rows, C, opts);
-    if (g.is_pointwise()) {
-      at::mm_out(z_mat, as_matrix(const_cast<scalar_t*>(x) + first * image, rows, K, opts), wmat.t());
-    } else {
-      col[thread].resize(rows * K);
-      im2col(x + first * image, count, g, col[thread].data());
-      at::mm_out(z_mat, as_matrix(col[thread].data(), rows, K, opts), wmat.t());
-    }
-  }
-
-  // grad_wmat[co, k] += sum over the chunk's pixels of dz[p, co] col[p, k],
-  // summed per chunk in scalar_t and across chunks in double (acc, laid out
-  // (K, Cout) when tiled, as the tiles are, else (Cout, K): see acc_index).
-  void weight_grad(const scalar_t* x, const scalar_t* dz, int64_t first, int64_t count, int thread, double* acc) {
-    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
-    auto& tile = grad_tile[thread];
-    tile.resize(K * C);
-    if (tiled) {  // tile is (K, Cout) here
-      for (int64_t b = first; b < first + count; ++b) {
-        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
-        fastmnist_cpu::weight_grad(reinterpret_cast<const float*>(in),
-                                   reinterpret_cast<const float*>(dz + (b - first) * P * C), forward_geometry(), C,
-                                   reinterpret_cast<float*>(tile.data()));
-        for (int64_t i = 0; i < K * C; ++i) acc[i] += tile[i];
-      }
-      return;
-    }
-    const int64_t rows = count * P;
-    at::Tensor col_mat;
-    if (g.is_pointwise()) {
-      col_mat = as_matrix(const_cast<scalar_t*>(x) + first * image, rows, K, opts);
-    } else {
-      col[thread].resize(rows * K);
-      im2col(x + first * image, count, g, col[thread].data());
-      col_mat = as_matrix(col[thread].data(), rows, K, opts);
-    }
-    at::Tensor tile_mat = as_matrix(tile.data(), C, K, opts);
-    at::mm_out(tile_mat, as_matrix(const_cast<scalar_t*>(dz), rows, C, opts).t(), col_mat);
-    for (int64_t i = 0; i < C * K; ++i) acc[i] += tile[i];
-  }
-
-  // dx for the chunk's images: the transposed convolution of dz.
-  void input_grad(const scalar_t* dz, int64_t first, int64_t count, int thread, scalar_t* dx) {
-    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
-    if (tiled) {  // a valid convolution of dz padded by (k - 1 - pad) with the flipped weight
-      const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
-      const fastmnist_cpu::ImageGeometry gx{g.hout + 2 * ph, g.wout + 2 * pw, C, g.kh, g.kw, g.h, g.w};
-      for (int64_t b = 0; b < count; ++b) {
-        const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, thread);
-        fastmnist_cpu::valid_conv(reinterpret_cast<const float*>(in), w_flipped.const_data_ptr<float>(), gx,
-                                  g.cin, reinterpret_cast<float*>(dx + b * image));
-      }
-      return;
-    }
-    const int64_t rows = count * P;
-    at::Tensor dz_mat = as_matrix(const_cast<scalar_t*>(dz), rows, C, opts);
-    if (g.is_pointwise()) {
-      at::Tensor dx_mat = as_matrix(dx, rows, K, opts);
-      at::mm_out(dx_mat, dz_mat, wmat);
-    } else {
-      col[thread].resize(rows * K);
-      at::Tensor dcol = as_matrix(col[thread].data(), rows, K, opts);
-      at::mm_out(dcol, dz_mat, wmat);
-      col2im(col[thread].data(), count, g, dx);
-    }
-  }
-
-  // Where weight_grad's acc holds grad_wmat[co, k].
-  int64_t acc_index(int64_t co, int64_t k) const { return tiled ? k * g.cout + co : co * g.patch() + k; }
-
-  // Images per chunk: one for the tiled loops, else enough rows for the GEMM.
-  int64_t chunk() const { return tiled ? 1 : g.images_per_chunk(sizeof(scalar_t)); }
-};
-
-// Entry i of per-thread partials laid out as partials[thread * n + i], summed
-// over the threads in thread order: the same result for the same thread count.
-double sum_over_threads(const std::vector<double>& partials, int threads, int64_t n, int64_t i) {
-  double total = 0.0;
-  for (int t = 0; t < threads; ++t) total += partials[t * n + i];
-  return total;
-}
-
-// Runs fn(first_image, count, thread) over chunks of images in parallel.
-template <typename Fn>
-void for_each_chunk(const ConvGeometry& g, int64_t chunk, const Fn& fn) {
-  const int64_t n_chunks = (g.n + chunk - 1) / chunk;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    const int thread = at::get_thread_num();
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t first = c * chunk;
-      fn(first, std::min(chunk, g.n - first), thread);
-    }
-  });
+inline scalar_t relu_grad(scalar_t r, scalar_t g) {
+  return r <= scalar_t(0) ? scalar_t(0) : g;
 }
 
 // Rows are summed in blocks of this many in scalar_t, then added into double
@@ -332,7 +50,7 @@ void for_each_chunk(const ConvGeometry& g, int64_t chunk, const Fn& fn) {
 // 64-term sum.
 constexpr int64_t kRowBlock = 8;
 
-// r = max(z + bias, 0) in place over rows x C, then either the per-channel
+// r = relu(z + bias) in place over rows x C, then either the per-channel
 // sum and sum of squares of r (training) or y = r * scale + shift (eval).
 // CO > 0 fixes the channel count at compile time (see dispatch_channels).
 template <typename scalar_t, int64_t CO>
@@ -347,7 +65,7 @@ void relu_epilogue_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ b
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t v = z[i * C + c] + bias[c];
-        const scalar_t r = v > scalar_t(0) ? v : scalar_t(0);
+        const scalar_t r = relu(v);
         z[i * C + c] = r;
         if (training) {
           bs[c] += r;
@@ -491,15 +209,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_forward(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
     double eps, int64_t padding, const std::optional<at::Tensor>& channel_scale_in) {
-  const ConvGeometry g = check_conv_inputs(x_in, weight, padding);
-  const at::Tensor* channel_scale = check_channel_scale(channel_scale_in, x_in, g.n, g.cout);
-  check_channel_vector(bias, x_in, g.cout, "bias");
-  check_channel_vector(bn_weight, x_in, g.cout, "bn_weight");
-  check_channel_vector(bn_bias, x_in, g.cout, "bn_bias");
-  check_channel_vector(running_mean, x_in, g.cout, "running_mean");
-  check_channel_vector(running_var, x_in, g.cout, "running_var");
-  TORCH_CHECK(!training || g.n * g.pixels() > 1,
-              "conv_relu_bn: expected more than 1 value per channel when training, got output of ", g.n, "x",
+  const ConvGeometry g = fastmnist::check_conv_inputs(kOp, x_in, weight, padding);
+  const at::Tensor* channel_scale = fastmnist::check_channel_scale(kOp, channel_scale_in, x_in, g.n, g.cout);
+  fastmnist::check_channel_vector(kOp, bias, x_in, g.cout, "bias");
+  fastmnist::check_channel_vector(kOp, bn_weight, x_in, g.cout, "bn_weight");
+  fastmnist::check_channel_vector(kOp, bn_bias, x_in, g.cout, "bn_bias");
+  fastmnist::check_channel_vector(kOp, running_mean, x_in, g.cout, "running_mean");
+  fastmnist::check_channel_vector(kOp, running_var, x_in, g.cout, "running_var");
+  TORCH_CHECK(!training || g.n * g.pixels() > 1, kOp,
+              ": expected more than 1 value per channel when training, got output of ", g.n, "x",
               g.pixels(), " pixels per channel (input ", x_in.sizes(), ")");
   TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
   // The ATen calls below (layout copies, GEMMs) are our internals, not ops
@@ -598,7 +316,7 @@ void relu_bn_grad_impl(const scalar_t* __restrict__ dy, const scalar_t* __restri
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t rv = r[i * C + c];
         const scalar_t g = a[c] * dy[i * C + c] + b[c] * rv + d[c];
-        const scalar_t v = rv > scalar_t(0) ? g : scalar_t(0);
+        const scalar_t v = relu_grad(rv, g);
         dz[i * C + c] = v;
         bs[c] += v;
       }
@@ -638,7 +356,7 @@ template <typename scalar_t>
 void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, const at::Tensor& weight,
                                   const at::Tensor& r_t, const at::Tensor& gamma, const at::Tensor& mean_t,
                                   const at::Tensor& var_t, const ConvGeometry& g, bool training, double eps,
-                                  bool compute_grad_x, const scalar_t* channel_scale, at::Tensor& grad_x, at::Tensor& grad_wmat,
+                                  bool compute_grad_x, const scalar_t* channel_scale, at::Tensor& grad_x, at::Tensor& grad_weight,
                                   at::Tensor& grad_bias, at::Tensor& grad_gamma, at::Tensor& grad_beta) {
   const int64_t P = g.pixels(), K = g.patch(), C = g.cout, rows_total = g.n * P;
   const int threads = at::get_num_threads();
@@ -694,10 +412,7 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx_ptr + first * g.h * g.w * g.cin);
   });
 
-  scalar_t* gwm = grad_wmat.mutable_data_ptr<scalar_t>();
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t k = 0; k < K; ++k)
-      gwm[c * K + k] = static_cast<scalar_t>(sum_over_threads(grad_w_acc, threads, C * K, conv.acc_index(c, k)));
+  write_weight_grad(conv, grad_w_acc, threads, grad_weight);
   scalar_t* gbias = grad_bias.mutable_data_ptr<scalar_t>();
   for (int64_t c = 0; c < C; ++c) gbias[c] = static_cast<scalar_t>(sum_over_threads(grad_b_acc, threads, C, c));
 }
@@ -706,18 +421,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out,
     const at::Tensor& bn_weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
     int64_t padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale_in) {
-  const ConvGeometry g = check_conv_inputs(x_in, weight, padding);
-  const at::Tensor* channel_scale = check_channel_scale(channel_scale_in, x_in, g.n, g.cout);
+  const ConvGeometry g = fastmnist::check_conv_inputs(kBackwardOp, x_in, weight, padding);
+  const at::Tensor* channel_scale = fastmnist::check_channel_scale(kBackwardOp, channel_scale_in, x_in, g.n, g.cout);
   const std::vector<int64_t> out_shape{g.n, g.cout, g.hout, g.wout};
-  TORCH_CHECK(grad_y.sizes() == out_shape, "conv_relu_bn_backward: grad_y has shape ", grad_y.sizes(),
-              ", expected ", out_shape);
-  TORCH_CHECK(relu_out.sizes() == out_shape, "conv_relu_bn_backward: relu_out has shape ", relu_out.sizes(),
-              ", expected ", out_shape);
-  check_same(grad_y, x_in, "grad_y");
-  check_same(relu_out, x_in, "relu_out");
-  check_channel_vector(bn_weight, x_in, g.cout, "bn_weight");
-  check_channel_vector(mean, x_in, g.cout, "mean");
-  check_channel_vector(var, x_in, g.cout, "var");
+  fastmnist::check_activation(kBackwardOp, grad_y, x_in, out_shape, "grad_y");
+  fastmnist::check_activation(kBackwardOp, relu_out, x_in, out_shape, "relu_out");
+  fastmnist::check_channel_vector(kBackwardOp, bn_weight, x_in, g.cout, "bn_weight");
+  fastmnist::check_channel_vector(kBackwardOp, mean, x_in, g.cout, "mean");
+  fastmnist::check_channel_vector(kBackwardOp, var, x_in, g.cout, "var");
   TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
   // The ATen calls below (layout copies, GEMMs) are our internals, not ops
   // autograd should record: the registered backward owns the gradient.
@@ -728,7 +439,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
   const at::Tensor dy = grad_y.contiguous(cl);
   const at::Tensor r = relu_out.contiguous(cl);
   at::Tensor grad_x = compute_grad_x ? at::empty(x.sizes(), x.options().memory_format(cl)) : at::empty({0}, x.options());
-  at::Tensor grad_wmat = at::empty({g.cout, g.patch()}, x.options());
+  // grad_weight in the weight's own memory format (see write_weight_grad).
+  at::Tensor grad_weight = at::empty_like(weight);
   at::Tensor grad_bias = at::empty({g.cout}, x.options());
   at::Tensor grad_gamma = at::empty({g.cout}, x.options());
   at::Tensor grad_beta = at::empty({g.cout}, x.options());
@@ -737,12 +449,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
     conv_relu_bn_backward_kernel<scalar_t>(dy, x, weight, r, bn_weight.contiguous(), mean.contiguous(),
                                            var.contiguous(), g, training, eps, compute_grad_x,
                                            scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr, grad_x,
-                                           grad_wmat, grad_bias, grad_gamma, grad_beta);
+                                           grad_weight, grad_bias, grad_gamma, grad_beta);
   });
-  // grad_wmat[co, (ky, kx, ci)] -> grad_weight[co, ci, ky, kx]
-  at::Tensor grad_weight =
-      grad_wmat.view({g.cout, g.kh, g.kw, g.cin}).permute({0, 3, 1, 2}).contiguous();
   return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+}
+
+// Which convolution path the CPU kernels take for these arguments (for
+// fastmnist.ops.conv_path: tests and users can see that no block fell back
+// to the generic path unnoticed).
+std::string conv_path(const at::Tensor& x, const at::Tensor& weight, int64_t padding, bool compute_grad_x) {
+  const ConvGeometry g = fastmnist::check_conv_inputs("conv_path", x, weight, padding);
+  return describe_conv_path(g, x.scalar_type() == at::kFloat, compute_grad_x);
 }
 
 }  // namespace
@@ -750,4 +467,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
 TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
   m.impl("conv_relu_bn", &conv_relu_bn_forward);
   m.impl("conv_relu_bn_backward", &conv_relu_bn_backward);
+  m.impl("conv_path", &conv_path);
 }

@@ -1,0 +1,74 @@
+// Input checks shared by the CPU and CUDA entry points, so that the same bad
+// input gets the same message on either device.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fastmnist {
+
+// A stride-1 convolution of x (N, Cin, H, W) with weight (Cout, Cin, KH, KW) and zero padding.
+struct ConvGeometry {
+  int64_t n, cin, h, w, cout, kh, kw, pad, hout, wout;
+  int64_t pixels() const { return hout * wout; }  // output pixels per image
+  int64_t patch() const { return kh * kw * cin; }  // K of the GEMM
+  bool is_pointwise() const { return kh == 1 && kw == 1 && pad == 0; }
+};
+
+inline void check_same(const char* op, const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; move every argument to one device");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; convert both to float32 or float64");
+}
+
+inline void check_channel_vector(const char* op, const at::Tensor& t, const at::Tensor& x, int64_t cout,
+                                 const char* name) {
+  check_same(op, t, x, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == cout, op, ": ", name, " must have shape (", cout,
+              ",) to match weight's output channels, got ", t.sizes());
+}
+
+// channel_scale, when given, must be (N, Cout) like x: one factor per image and output channel.
+inline const at::Tensor* check_channel_scale(const char* op, const std::optional<at::Tensor>& channel_scale,
+                                             const at::Tensor& x, int64_t n, int64_t cout) {
+  if (!channel_scale.has_value()) return nullptr;
+  const at::Tensor& t = *channel_scale;
+  check_same(op, t, x, "channel_scale");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == n && t.size(1) == cout, op, ": channel_scale must have shape (", n,
+              ", ", cout, ") (batch, output channels), got ", t.sizes());
+  return &t;
+}
+
+inline ConvGeometry check_conv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                      int64_t padding) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  check_same(op, weight, x, "weight");
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (Cout, Cin, KH, KW), got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": x has ", x.size(1), " channels (shape ", x.sizes(),
+              ") but weight expects ", weight.size(1), " (shape ", weight.sizes(), ")");
+  TORCH_CHECK(weight.size(0) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, op,
+              ": weight must have at least one output channel and a kernel of at least 1x1, got shape ",
+              weight.sizes());
+  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
+                 weight.size(3), padding, 0, 0};
+  g.hout = g.h + 2 * padding - g.kh + 1;
+  g.wout = g.w + 2 * padding - g.kw + 1;
+  TORCH_CHECK(g.n >= 1, op, ": batch size must be >= 1, got shape ", x.sizes());
+  TORCH_CHECK(g.hout >= 1 && g.wout >= 1, op, ": input ", x.sizes(), " with padding ", padding,
+              " is smaller than the kernel ", weight.sizes());
+  return g;
+}
+
+// An activation-shaped argument of a backward op (grad_y, relu_out, ...).
+inline void check_activation(const char* op, const at::Tensor& t, const at::Tensor& x,
+                             at::IntArrayRef expected, const char* name) {
+  check_same(op, t, x, name);
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), ", expected ", expected);
+}
+
+}  // namespace fastmnist

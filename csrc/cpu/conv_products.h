@@ -1,0 +1,264 @@
+// The convolution's three products (forward, weight gradient, input gradient)
+// for a chunk of NHWC images, shared by the CPU operators. One decision, made
+// once per call: register tiles straight from the image (conv_tiles.h; float32
+// on a CPU and ATen capability with AVX2 or AVX-512) or else a patch matrix
+// (im2col) per cache-sized chunk and torch's BLAS GEMM. describe() names the
+// path, so a caller can see which one ran (fastmnist.ops.conv_path).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "../checks.h"
+#include "conv_tiles.h"
+#include "im2col.h"
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace fastmnist_cpu {
+
+// Patch matrices are built for this many bytes' worth of images at a time,
+// so that a chunk's col and GEMM output stay in a core's L2 cache.
+constexpr int64_t kChunkBytes = 256 * 1024;
+
+inline int64_t images_per_chunk(const ConvGeometry& g, int64_t elem_size) {
+  const int64_t per_image = g.pixels() * std::max(g.patch(), g.cout) * elem_size;
+  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(per_image, 1));
+}
+
+// wmat[co, (ky * KW + kx) * Cin + ci] = weight[co, ci, ky, kx]
+inline at::Tensor weight_as_matrix(const at::Tensor& weight) {
+  return weight.permute({0, 2, 3, 1}).contiguous().view({weight.size(0), -1});
+}
+
+// A (rows, cols) matrix view of raw memory, for at::mm_out.
+inline at::Tensor as_matrix(void* data, int64_t rows, int64_t cols, const at::TensorOptions& opts) {
+  return at::from_blob(data, {rows, cols}, opts);
+}
+
+// m (rows, cols) zero-padded on the right to `stride` columns.
+inline at::Tensor pad_columns(const at::Tensor& m, int64_t stride) {
+  if (m.size(1) == stride) return m.contiguous();
+  at::Tensor out = at::zeros({m.size(0), stride}, m.options());
+  out.narrow(1, 0, m.size(1)).copy_(m);
+  return out;
+}
+
+// Copies rows x cols of src (row stride ss) to dst (row stride ds).
+template <typename scalar_t>
+void copy_rows(const scalar_t* src, int64_t ss, int64_t rows, int64_t cols, scalar_t* dst, int64_t ds) {
+  for (int64_t i = 0; i < rows; ++i) std::copy_n(src + i * ss, cols, dst + i * ds);
+}
+
+// Why the tiles do not serve this convolution, or nullptr when they do.
+inline const char* tiles_refusal(const ConvGeometry& g, bool is_float, bool need_grad_x) {
+  (void)need_grad_x;  // the tiles serve any Cin and Cout (padded to a multiple of 8)
+  if (!is_float) return "float64 (the tiles are float32)";
+  if (tile_isa() == TileIsa::none) return "no AVX2/AVX-512 (CPU, or ATEN_CPU_CAPABILITY=default)";
+  if (g.pad >= g.kh || g.pad >= g.kw) return "padding >= kernel size";
+  return nullptr;
+}
+
+// The path a convolution of this geometry takes, e.g. "avx2 tiles",
+// "avx512 tiles, Cout 20 padded to 24" or "im2col+BLAS: float64 (...)".
+inline std::string describe_conv_path(const ConvGeometry& g, bool is_float, bool need_grad_x) {
+  if (const char* why = tiles_refusal(g, is_float, need_grad_x)) return std::string("im2col+BLAS: ") + why;
+  std::string path = std::string(tile_isa_name(tile_isa())) + " tiles";
+  if (tile_channels(g.cout) != g.cout)
+    path += ", Cout " + std::to_string(g.cout) + " padded to " + std::to_string(tile_channels(g.cout));
+  if (need_grad_x && tile_channels(g.cin) != g.cin)
+    path += ", Cin " + std::to_string(g.cin) + " padded to " + std::to_string(tile_channels(g.cin));
+  return path;
+}
+
+template <typename scalar_t>
+struct ConvProducts {
+  const ConvGeometry& g;
+  at::TensorOptions opts;
+  bool tiled;
+  int64_t co_t = 0, ci_t = 0;  // tiled: Cout and Cin rounded up to the tiles' multiple
+  at::Tensor wmat;             // im2col: (Cout, K), k = (ky, kx, ci)
+  at::Tensor w_packed;         // tiled: (K, co_t) for the forward
+  at::Tensor w_flipped;        // tiled: (KH * KW * Cout, ci_t), the flipped, transposed weight for grad_x
+  std::vector<std::vector<scalar_t>> col, padded, grad_tile, out_pad;
+
+  ConvProducts(const ConvGeometry& geom, const at::Tensor& weight, const at::TensorOptions& options, int threads,
+               bool need_grad_x)
+      : g(geom), opts(options), col(threads), padded(threads), grad_tile(threads), out_pad(threads) {
+    tiled = tiles_refusal(g, std::is_same<scalar_t, float>::value, need_grad_x) == nullptr;
+    wmat = weight_as_matrix(weight);
+    if (tiled) {
+      co_t = tile_channels(g.cout);
+      ci_t = tile_channels(g.cin);
+      w_packed = pad_columns(wmat.t(), co_t);
+      if (need_grad_x)
+        w_flipped = pad_columns(weight.flip({2, 3}).permute({2, 3, 0, 1}).reshape({-1, g.cin}), ci_t);
+    }
+  }
+
+  // The image zero-padded by (ph, pw) into this thread's buffer (or itself when no padding).
+  const scalar_t* pad_image(const scalar_t* img, int64_t h, int64_t w, int64_t c, int64_t ph, int64_t pw,
+                            int thread) {
+    if (ph == 0 && pw == 0) return img;
+    auto& buf = padded[thread];
+    const int64_t W = w + 2 * pw;
+    buf.assign((h + 2 * ph) * W * c, scalar_t(0));
+    for (int64_t y = 0; y < h; ++y) std::copy_n(img + y * w * c, w * c, buf.data() + ((y + ph) * W + pw) * c);
+    return buf.data();
+  }
+
+  ImageGeometry forward_geometry() const { return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout}; }
+
+  // This thread's (rows, cols) scratch for a tile output padded to cols channels.
+  float* scratch(int thread, int64_t rows, int64_t cols) {
+    auto& buf = out_pad[thread];
+    buf.resize(rows * cols);
+    return reinterpret_cast<float*>(buf.data());
+  }
+
+  // z[rows of images first .. first + count, Cout] = conv(x), no bias.
+  void forward(const scalar_t* x, int64_t first, int64_t count, int thread, scalar_t* z) {
+    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
+    if (tiled) {
+      for (int64_t b = first; b < first + count; ++b) {
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
+        float* zb = reinterpret_cast<float*>(z + (b - first) * P * C);
+        float* out = co_t == C ? zb : scratch(thread, P, co_t);
+        valid_conv(reinterpret_cast<const float*>(in), w_packed.const_data_ptr<float>(), forward_geometry(), co_t, out);
+        if (out != zb) copy_rows(out, co_t, P, C, zb, C);
+      }
+      return;
+    }
+    const int64_t rows = count * P;
+    at::Tensor z_mat = as_matrix(z, rows, C, opts);
+    if (g.is_pointwise()) {
+      at::mm_out(z_mat, as_matrix(const_cast<scalar_t*>(x) + first * image, rows, K, opts), wmat.t());
+    } else {
+      col[thread].resize(rows * K);
+      im2col(x + first * image, count, g, col[thread].data());
+      at::mm_out(z_mat, as_matrix(col[thread].data(), rows, K, opts), wmat.t());
+    }
+  }
+
+  // grad_wmat[co, k] += sum over the chunk's pixels of dz[p, co] col[p, k],
+  // summed per image (tiled) or chunk in scalar_t and across them in double
+  // (acc, laid out (K, Cout) when tiled, else (Cout, K): see acc_index).
+  void weight_grad(const scalar_t* x, const scalar_t* dz, int64_t first, int64_t count, int thread, double* acc) {
+    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
+    auto& tile = grad_tile[thread];
+    if (tiled) {  // tile is (K, co_t) here
+      tile.resize(K * co_t);
+      for (int64_t b = first; b < first + count; ++b) {
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
+        const float* dzb = reinterpret_cast<const float*>(dz + (b - first) * P * C);
+        if (co_t != C) {  // dz padded with zero channels, which the tiles' extra columns then sum
+          float* d = scratch(thread, P, co_t);
+          for (int64_t p = 0; p < P; ++p) {
+            std::copy_n(dzb + p * C, C, d + p * co_t);
+            std::fill(d + p * co_t + C, d + (p + 1) * co_t, 0.0f);
+          }
+          dzb = d;
+        }
+        fastmnist_cpu::weight_grad(reinterpret_cast<const float*>(in), dzb, forward_geometry(), co_t,
+                                   reinterpret_cast<float*>(tile.data()));
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = 0; c < C; ++c) acc[k * C + c] += tile[k * co_t + c];
+      }
+      return;
+    }
+    tile.resize(K * C);
+    const int64_t rows = count * P;
+    at::Tensor col_mat;
+    if (g.is_pointwise()) {
+      col_mat = as_matrix(const_cast<scalar_t*>(x) + first * image, rows, K, opts);
+    } else {
+      col[thread].resize(rows * K);
+      im2col(x + first * image, count, g, col[thread].data());
+      col_mat = as_matrix(col[thread].data(), rows, K, opts);
+    }
+    at::Tensor tile_mat = as_matrix(tile.data(), C, K, opts);
+    at::mm_out(tile_mat, as_matrix(const_cast<scalar_t*>(dz), rows, C, opts).t(), col_mat);
+    for (int64_t i = 0; i < C * K; ++i) acc[i] += tile[i];
+  }
+
+  // dx for the chunk's images: the transposed convolution of dz.
+  void input_grad(const scalar_t* dz, int64_t first, int64_t count, int thread, scalar_t* dx) {
+    (void)first;
+    const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
+    if (tiled) {  // a valid convolution of dz padded by (k - 1 - pad) with the flipped weight
+      const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
+      const ImageGeometry gx{g.hout + 2 * ph, g.wout + 2 * pw, C, g.kh, g.kw, g.h, g.w};
+      for (int64_t b = 0; b < count; ++b) {
+        const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, thread);
+        float* dxb = reinterpret_cast<float*>(dx + b * image);
+        float* out = ci_t == g.cin ? dxb : scratch(thread, g.h * g.w, ci_t);
+        valid_conv(reinterpret_cast<const float*>(in), w_flipped.const_data_ptr<float>(), gx, ci_t, out);
+        if (out != dxb) copy_rows(out, ci_t, g.h * g.w, g.cin, dxb, g.cin);
+      }
+      return;
+    }
+    const int64_t rows = count * P;
+    at::Tensor dz_mat = as_matrix(const_cast<scalar_t*>(dz), rows, C, opts);
+    if (g.is_pointwise()) {
+      at::Tensor dx_mat = as_matrix(dx, rows, K, opts);
+      at::mm_out(dx_mat, dz_mat, wmat);
+    } else {
+      col[thread].resize(rows * K);
+      at::Tensor dcol = as_matrix(col[thread].data(), rows, K, opts);
+      at::mm_out(dcol, dz_mat, wmat);
+      col2im(col[thread].data(), count, g, dx);
+    }
+  }
+
+  // Where weight_grad's acc holds grad_wmat[co, k].
+  int64_t acc_index(int64_t co, int64_t k) const { return tiled ? k * g.cout + co : co * g.patch() + k; }
+
+  // Images per chunk: one for the tiled loops, else enough rows for the GEMM.
+  int64_t chunk() const { return tiled ? 1 : images_per_chunk(g, sizeof(scalar_t)); }
+};
+
+// Entry i of per-thread partials laid out as partials[thread * n + i], summed
+// over the threads in thread order: the same result for the same thread count.
+inline double sum_over_threads(const std::vector<double>& partials, int threads, int64_t n, int64_t i) {
+  double total = 0.0;
+  for (int t = 0; t < threads; ++t) total += partials[t * n + i];
+  return total;
+}
+
+// Runs fn(first_image, count, thread) over chunks of images in parallel.
+template <typename Fn>
+void for_each_chunk(const ConvGeometry& g, int64_t chunk, const Fn& fn) {
+  const int64_t n_chunks = (g.n + chunk - 1) / chunk;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    const int thread = at::get_thread_num();
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t first = c * chunk;
+      fn(first, std::min(chunk, g.n - first), thread);
+    }
+  });
+}
+
+// grad_wmat sums (double, at acc_index) into grad_weight, in grad_weight's
+// own layout (the weight's: channels_last weights get a channels_last
+// gradient, so AccumulateGrad keeps it without a copy).
+template <typename scalar_t>
+void write_weight_grad(const ConvProducts<scalar_t>& conv, const std::vector<double>& partials, int threads,
+                       at::Tensor& grad_weight) {
+  const ConvGeometry& g = conv.g;
+  const int64_t K = g.patch();
+  const auto st = grad_weight.strides();
+  scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+  for (int64_t co = 0; co < g.cout; ++co)
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t kx = 0; kx < g.kw; ++kx)
+        for (int64_t ci = 0; ci < g.cin; ++ci) {
+          const int64_t k = (ky * g.kw + kx) * g.cin + ci;
+          gw[co * st[0] + ci * st[1] + ky * st[2] + kx * st[3]] =
+              static_cast<scalar_t>(sum_over_threads(partials, threads, g.cout * K, conv.acc_index(co, k)));
+        }
+}
+
+}  // namespace fastmnist_cpu

@@ -1,0 +1,181 @@
+// CPU kernels of fastmnist::conv_relu_pool and its backward:
+//     out = AvgPool2d(pool)(ReLU(Conv2d(x, weight, bias, stride 1, padding)))
+// (ReLU optional). The network's transition (1x1 conv 32 -> 16, ReLU,
+// AvgPool2d(2)) and head (1x1 conv 16 -> 10, global average pooling over 7x7)
+// are each one call: the convolution runs on ConvProducts (conv_products.h)
+// and the activation and pooling are applied while an image is in cache.
+//
+// Backward, with A = pool * pool and cell(p) the pooling window holding pixel
+// p (pixels past the last whole window, which floor-mode pooling drops, get
+// none):
+//     dz[p, c] = grad_out[cell(p), c] / A,   times [r[p, c] > 0 or NaN] with ReLU
+//     grad_bias[c] = sum_p dz[p, c],  grad_weight and grad_x as for any convolution of dz.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "conv_products.h"
+
+#include <optional>
+#include <vector>
+
+namespace {
+
+using namespace fastmnist_cpu;
+using fastmnist::ConvGeometry;
+
+constexpr const char* kOp = "conv_relu_pool";
+constexpr const char* kBackwardOp = "conv_relu_pool_backward";
+
+ConvGeometry check_pool_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t padding,
+                               int64_t pool) {
+  const ConvGeometry g = fastmnist::check_conv_inputs(op, x, weight, padding);
+  TORCH_CHECK(pool >= 1 && pool <= g.hout && pool <= g.wout, op, ": pool must be in [1, ", std::min(g.hout, g.wout),
+              "] for a convolution output of ", g.hout, "x", g.wout, " (input ", x.sizes(), ", weight ",
+              weight.sizes(), "), got ", pool);
+  return g;
+}
+
+// One image: r = act(z + bias) in place (z is (hout * wout, C)), and its
+// pooled means into out ((hout / pool) * (wout / pool), C).
+template <typename scalar_t>
+void activate_and_pool(scalar_t* __restrict__ z, const scalar_t* __restrict__ bias, const ConvGeometry& g,
+                       bool relu, int64_t pool, scalar_t* __restrict__ out) {
+  const int64_t C = g.cout, P = g.pixels(), ph = g.hout / pool, pw = g.wout / pool;
+  for (int64_t p = 0; p < P; ++p) {
+    scalar_t* zp = z + p * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t v = zp[c] + bias[c];
+      zp[c] = relu && v < scalar_t(0) ? scalar_t(0) : v;  // NaN passes, as in torch.relu
+    }
+  }
+  const scalar_t inv_area = scalar_t(1) / static_cast<scalar_t>(pool * pool);
+  for (int64_t oy = 0; oy < ph; ++oy) {
+    for (int64_t ox = 0; ox < pw; ++ox) {
+      scalar_t* o = out + (oy * pw + ox) * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(0);
+      for (int64_t dy = 0; dy < pool; ++dy)
+        for (int64_t dx = 0; dx < pool; ++dx) {
+          const scalar_t* r = z + ((oy * pool + dy) * g.wout + ox * pool + dx) * C;
+          for (int64_t c = 0; c < C; ++c) o[c] += r[c];
+        }
+      for (int64_t c = 0; c < C; ++c) o[c] *= inv_area;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(const at::Tensor& x_in, const at::Tensor& weight,
+                                                          const at::Tensor& bias, bool relu, int64_t padding,
+                                                          int64_t pool) {
+  const ConvGeometry g = check_pool_inputs(kOp, x_in, weight, padding, pool);
+  fastmnist::check_channel_vector(kOp, bias, x_in, g.cout, "bias");
+  TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internals are not ops autograd records
+
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(cl);
+  at::Tensor out = at::empty({g.n, g.cout, g.hout / pool, g.wout / pool}, x.options().memory_format(cl));
+  // relu_out is what the backward's ReLU mask needs; without ReLU it needs none.
+  at::Tensor relu_out = relu ? at::empty({g.n, g.cout, g.hout, g.wout}, x.options().memory_format(cl))
+                             : at::empty({0}, x.options());
+  const at::Tensor b = bias.contiguous();
+  const int threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kOp, [&] {
+    ConvProducts<scalar_t> conv(g, weight, x.options(), threads, /*need_grad_x=*/false);
+    const int64_t P = g.pixels(), C = g.cout, pooled = (g.hout / pool) * (g.wout / pool);
+    std::vector<std::vector<scalar_t>> z_buffers(threads);
+    for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
+      scalar_t* z;
+      if (relu) {
+        z = relu_out.mutable_data_ptr<scalar_t>() + first * P * C;
+      } else {
+        z_buffers[thread].resize(count * P * C);
+        z = z_buffers[thread].data();
+      }
+      conv.forward(x.const_data_ptr<scalar_t>(), first, count, thread, z);
+      for (int64_t i = 0; i < count; ++i)
+        activate_and_pool(z + i * P * C, b.const_data_ptr<scalar_t>(), g, relu, pool,
+                          out.mutable_data_ptr<scalar_t>() + (first + i) * pooled * C);
+    });
+  });
+  return {out, relu_out};
+}
+
+// One image's dz from grad_out (see the file comment); adds sum dz into grad_bias.
+template <typename scalar_t>
+void pooled_relu_grad(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ r, const ConvGeometry& g,
+                      int64_t pool, scalar_t* __restrict__ dz, double* __restrict__ grad_bias) {
+  const int64_t C = g.cout, ph = g.hout / pool, pw = g.wout / pool;
+  const scalar_t inv_area = scalar_t(1) / static_cast<scalar_t>(pool * pool);
+  std::vector<scalar_t> bias_sum(C, scalar_t(0));
+  for (int64_t y = 0; y < g.hout; ++y) {
+    for (int64_t x = 0; x < g.wout; ++x) {
+      const int64_t p = y * g.wout + x;
+      scalar_t* d = dz + p * C;
+      if (y >= ph * pool || x >= pw * pool) {  // outside every whole window
+        for (int64_t c = 0; c < C; ++c) d[c] = scalar_t(0);
+        continue;
+      }
+      const scalar_t* go = grad_out + ((y / pool) * pw + x / pool) * C;
+      if (r != nullptr) {
+        const scalar_t* rp = r + p * C;
+        for (int64_t c = 0; c < C; ++c) d[c] = rp[c] <= scalar_t(0) ? scalar_t(0) : go[c] * inv_area;
+      } else {
+        for (int64_t c = 0; c < C; ++c) d[c] = go[c] * inv_area;
+      }
+      for (int64_t c = 0; c < C; ++c) bias_sum[c] += d[c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) grad_bias[c] += bias_sum[c];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out_in,
+    bool relu, int64_t padding, int64_t pool, bool compute_grad_x) {
+  const ConvGeometry g = check_pool_inputs(kBackwardOp, x_in, weight, padding, pool);
+  fastmnist::check_activation(kBackwardOp, grad_out_in, x_in, {g.n, g.cout, g.hout / pool, g.wout / pool},
+                              "grad_out");
+  if (relu) fastmnist::check_activation(kBackwardOp, relu_out_in, x_in, {g.n, g.cout, g.hout, g.wout}, "relu_out");
+  TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(cl);
+  const at::Tensor grad_out = grad_out_in.contiguous(cl);
+  const at::Tensor relu_out = relu ? relu_out_in.contiguous(cl) : at::Tensor();
+  at::Tensor grad_x = compute_grad_x ? at::empty(x.sizes(), x.options().memory_format(cl)) : at::empty({0}, x.options());
+  at::Tensor grad_weight = at::empty_like(weight);  // in the weight's memory format (write_weight_grad)
+  at::Tensor grad_bias = at::empty({g.cout}, x.options());
+  const int threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
+    ConvProducts<scalar_t> conv(g, weight, x.options(), threads, compute_grad_x);
+    const int64_t P = g.pixels(), C = g.cout, K = g.patch(), pooled = (g.hout / pool) * (g.wout / pool);
+    std::vector<double> grad_w_acc(threads * C * K, 0.0), grad_b_acc(threads * C, 0.0);
+    std::vector<std::vector<scalar_t>> dz_buffers(threads);
+    const scalar_t* r = relu ? relu_out.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dx = compute_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
+      auto& dz = dz_buffers[thread];
+      dz.resize(count * P * C);
+      for (int64_t i = 0; i < count; ++i)
+        pooled_relu_grad(grad_out.const_data_ptr<scalar_t>() + (first + i) * pooled * C,
+                         r ? r + (first + i) * P * C : nullptr, g, pool, dz.data() + i * P * C,
+                         grad_b_acc.data() + thread * C);
+      conv.weight_grad(x.const_data_ptr<scalar_t>(), dz.data(), first, count, thread,
+                       grad_w_acc.data() + thread * C * K);
+      if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx + first * g.h * g.w * g.cin);
+    });
+    write_weight_grad(conv, grad_w_acc, threads, grad_weight);
+    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(sum_over_threads(grad_b_acc, threads, C, c));
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmnist, CPU, m) {
+  m.impl("conv_relu_pool", &conv_relu_pool_forward);
+  m.impl("conv_relu_pool_backward", &conv_relu_pool_backward);
+}

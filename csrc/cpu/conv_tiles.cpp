@@ -1,0 +1,67 @@
+// Run-time choice of the convolution tiles' instruction set (conv_tiles.h).
+#include "conv_tiles.h"
+
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace fastmnist_cpu {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTMNIST_X86_TILES 1
+#endif
+
+namespace {
+
+TileIsa choose_tile_isa() {
+#ifdef FASTMNIST_X86_TILES
+  // ATen's capability says what the user (ATEN_CPU_CAPABILITY) and torch's
+  // own checks allow; it believes a forced value without asking the CPU, so
+  // the CPU is asked too.
+  const std::string cap = at::get_cpu_capability();
+  const bool cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool cpu_avx512 = cpu_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  if (cap == "AVX512") {
+    if (cpu_avx512) return TileIsa::avx512;
+    TORCH_WARN_ONCE("fastmnist: ATen's CPU capability is AVX512 but this CPU lacks AVX-512; "
+                    "the convolution tiles use ", cpu_avx2 ? "AVX2" : "no vector ISA (im2col + BLAS)", " instead");
+  }
+  if ((cap == "AVX2" || cap == "AVX512") && cpu_avx2) return TileIsa::avx2;
+#endif
+  return TileIsa::none;
+}
+
+}  // namespace
+
+TileIsa tile_isa() {
+  static const TileIsa isa = choose_tile_isa();
+  return isa;
+}
+
+const char* tile_isa_name(TileIsa isa) {
+  switch (isa) {
+    case TileIsa::avx2: return "avx2";
+    case TileIsa::avx512: return "avx512";
+    default: return "none";
+  }
+}
+
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out) {
+  switch (tile_isa()) {
+    case TileIsa::avx512: return avx512::valid_conv(in, w, g, CO, out);
+    case TileIsa::avx2: return avx2::valid_conv(in, w, g, CO, out);
+    default: TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
+  }
+}
+
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
+  switch (tile_isa()) {
+    case TileIsa::avx512: return avx512::weight_grad(in, dz, g, CO, dw);
+    case TileIsa::avx2: return avx2::weight_grad(in, dz, g, CO, dw);
+    default: TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
+  }
+}
+
+}  // namespace fastmnist_cpu

@@ -1,0 +1,48 @@
+// Register-tiled convolution loops for x86-64, one build per instruction set
+// (conv_tiles_avx2.cpp, conv_tiles_avx512.cpp, both from conv_tiles_kernels.h)
+// and one choice at run time (tile_isa()), the way ATen builds and picks its
+// own CPU kernels: one wheel runs on any x86-64 CPU, and ATEN_CPU_CAPABILITY
+// (default | avx2 | avx512) forces a path for a user or a test. Where no tile
+// ISA applies, ConvProducts uses im2col and torch's BLAS instead.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmnist_cpu {
+
+struct ImageGeometry {
+  int64_t in_h, in_w, in_c;  // the (already padded) input image, NHWC
+  int64_t kh, kw;            // kernel
+  int64_t out_h, out_w;      // in_h - kh + 1, in_w - kw + 1
+};
+
+enum class TileIsa { none, avx2, avx512 };
+
+// The tiles this process runs: the best instruction set that both ATen's CPU
+// capability (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY)
+// allows and this CPU has; `none` off x86-64 or with ATEN_CPU_CAPABILITY=default.
+TileIsa tile_isa();
+const char* tile_isa_name(TileIsa isa);
+
+// The tiles compute CO output channels where CO is a multiple of this; other
+// counts are padded up to it (zero weights) by the caller.
+constexpr int64_t kTileChannelMultiple = 8;
+inline int64_t tile_channels(int64_t c) {
+  return (c + kTileChannelMultiple - 1) / kTileChannelMultiple * kTileChannelMultiple;
+}
+
+// The two loops (see conv_tiles_kernels.h), run with tile_isa()'s build.
+// w is (KH * KW * Cin, CO) and out (out_h * out_w, CO); dw is (KH * KW * Cin, CO).
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
+
+namespace avx2 {
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
+}  // namespace avx2
+namespace avx512 {
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
+}  // namespace avx512
+
+}  // namespace fastmnist_cpu

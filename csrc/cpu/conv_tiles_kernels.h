@@ -1,0 +1,212 @@
+// The register-tiled convolution loops, written once for every vector width.
+//
+// Included only by the per-ISA translation units (conv_tiles_avx2.cpp,
+// conv_tiles_avx512.cpp), each of which turns on its instruction set with
+// `#pragma GCC target` and passes its vector types as `Vec` (a struct of
+// inline intrinsics: L lanes, kRegisters registers), as ATen compiles its
+// native/cpu kernels once per capability. Everything here is in an anonymous
+// namespace and uses no standard-library templates, so no out-of-line copy
+// compiled for one ISA can be picked by the linker for another.
+//
+// Both loops work on one NHWC image, straight from the image (no im2col):
+//
+//   valid_conv:   out[oy, ox, co] = sum_{ky, kx, ci} in[oy + ky, ox + kx, ci] * w[(ky, kx, ci), co]
+//                 (forward on the zero-padded input; grad_x on the padded grad_z
+//                 with the flipped, transposed weight)
+//   weight_grad:  dw[(ky, kx, ci), co] = sum_{oy, ox} in[oy + ky, ox + kx, ci] * dz[oy, ox, co]
+//
+// CO, the output channels, is a multiple of L. They are covered in blocks of
+// V <= 4 registers (L V channels) per pixel; a tile is NP pixels (or NK patch
+// entries) x V registers of accumulators, sized so that the accumulators, the
+// V weight registers and a broadcast fill the register file.
+#pragma once
+
+namespace {
+
+using fastmnist_cpu::ImageGeometry;
+
+#define FASTMNIST_UNROLL _Pragma("GCC unroll 32")
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+template <int N>
+struct IntC {
+  static constexpr int value = N;
+};
+
+// Pixels (or patch entries) per tile for V registers per pixel: about 24
+// accumulators of 32 registers (AVX-512), 12 of 16 (AVX2), as measured best.
+template <typename Vec, int V>
+constexpr int tile_rows() {
+  return Vec::kRegisters >= 32 ? (V == 1 ? 24 : V == 2 ? 12 : V == 3 ? 8 : 6)
+                               : (V == 1 ? 12 : V == 2 ? 6 : V == 3 ? 4 : 3);
+}
+
+// Calls fn(IntC<n>) for n in 1 .. N (n = N when larger).
+template <int N, typename Fn>
+inline void with_tile_size(int64_t n, const Fn& fn) {
+  if constexpr (N == 1) {
+    fn(IntC<1>{});
+  } else {
+    if (n >= N) return fn(IntC<N>{});
+    with_tile_size<N - 1>(n, fn);
+  }
+}
+
+// NP consecutive output pixels p0 .. p0 + NP - 1 (p = oy * out_w + ox; a tile
+// may wrap onto the next row, so narrow images leave no ragged tiles at row
+// ends) x output channels c0 .. c0 + L V of CO. (oy0, ox0) is pixel p0.
+template <typename Vec, int NP, int V, int S>
+inline void valid_conv_tile(const float* __restrict__ in, const float* __restrict__ w, const ImageGeometry& g,
+                            int64_t co_runtime, int64_t c0, int64_t p0, int64_t oy0, int64_t ox0, float* __restrict__ out) {
+  constexpr int L = Vec::L;
+  const int64_t CO = S > 0 ? S : co_runtime;
+  const int64_t ci_n = g.in_c;
+  const float* base[NP];  // each pixel's top-left input
+  FASTMNIST_UNROLL for (int j = 0; j < NP; ++j) {
+    int64_t oy = oy0, ox = ox0 + j;
+    while (ox >= g.out_w) ox -= g.out_w, ++oy;  // no division: a tile spans few rows
+    base[j] = in + (oy * g.in_w + ox) * ci_n;
+  }
+  typename Vec::type acc[NP][V];
+  FASTMNIST_UNROLL for (int j = 0; j < NP; ++j)
+    FASTMNIST_UNROLL for (int v = 0; v < V; ++v) acc[j][v] = Vec::zero();
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t tap = (ky * g.in_w + kx) * ci_n;
+      const float* wt = w + (ky * g.kw + kx) * ci_n * CO + c0;
+      for (int64_t ci = 0; ci < ci_n; ++ci) {
+        typename Vec::type wv[V];
+        FASTMNIST_UNROLL for (int v = 0; v < V; ++v) wv[v] = Vec::load(wt + ci * CO + L * v);
+        FASTMNIST_UNROLL for (int j = 0; j < NP; ++j) {
+          const auto xb = Vec::broadcast(base[j] + tap + ci);
+          FASTMNIST_UNROLL for (int v = 0; v < V; ++v) acc[j][v] = Vec::fmadd(xb, wv[v], acc[j][v]);
+        }
+      }
+    }
+  }
+  float* dst = out + p0 * CO + c0;
+  FASTMNIST_UNROLL for (int j = 0; j < NP; ++j)
+    FASTMNIST_UNROLL for (int v = 0; v < V; ++v) Vec::store(dst + j * CO + L * v, acc[j][v]);
+}
+
+// Channels c0 .. c0 + L V of all out_h * out_w pixels, in tiles of NP and one smaller tile for the rest.
+template <typename Vec, int V, int S>
+void valid_conv_block(const float* in, const float* w, const ImageGeometry& g, int64_t CO, int64_t c0, float* out) {
+  constexpr int NP = tile_rows<Vec, V>();
+  const int64_t P = g.out_h * g.out_w;
+  int64_t p = 0, oy = 0, ox = 0;
+  for (; p + NP <= P; p += NP) {
+    valid_conv_tile<Vec, NP, V, S>(in, w, g, CO, c0, p, oy, ox, out);
+    for (ox += NP; ox >= g.out_w; ox -= g.out_w) ++oy;
+  }
+  if (p < P)
+    with_tile_size<NP - 1>(P - p, [&](auto n) { valid_conv_tile<Vec, decltype(n)::value, V, S>(in, w, g, CO, c0, p, oy, ox, out); });
+}
+
+// NK consecutive patch entries k0 .. k0 + NK - 1 (k = (ky * KW + kx) * Cin + ci)
+// x channels c0 .. c0 + L V, summed over the output rows [oy0, oy1) and stored
+// into dw (first) or added to it.
+template <typename Vec, int NK, int V, int S>
+inline void weight_grad_tile(const float* __restrict__ in, const float* __restrict__ dz, const ImageGeometry& g,
+                             int64_t co_runtime, int64_t c0, int64_t k0, int64_t oy0, int64_t oy1, bool first,
+                             float* __restrict__ dw) {
+  constexpr int L = Vec::L;
+  const int64_t CO = S > 0 ? S : co_runtime;
+  int64_t offset[NK];  // where patch entry k0 + j sits relative to the pixel's top-left input
+  FASTMNIST_UNROLL for (int j = 0; j < NK; ++j) {
+    const int64_t k = k0 + j, ci = k % g.in_c, tap = k / g.in_c;
+    offset[j] = ((tap / g.kw) * g.in_w + tap % g.kw) * g.in_c + ci;
+  }
+  typename Vec::type acc[NK][V];
+  FASTMNIST_UNROLL for (int j = 0; j < NK; ++j)
+    FASTMNIST_UNROLL for (int v = 0; v < V; ++v) acc[j][v] = Vec::zero();
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    const float* row = in + oy * g.in_w * g.in_c;
+    const float* d = dz + oy * g.out_w * CO + c0;
+    for (int64_t ox = 0; ox < g.out_w; ++ox) {
+      typename Vec::type dv[V];
+      FASTMNIST_UNROLL for (int v = 0; v < V; ++v) dv[v] = Vec::load(d + ox * CO + L * v);
+      const float* px = row + ox * g.in_c;
+      FASTMNIST_UNROLL for (int j = 0; j < NK; ++j) {
+        const auto xb = Vec::broadcast(px + offset[j]);
+        FASTMNIST_UNROLL for (int v = 0; v < V; ++v) acc[j][v] = Vec::fmadd(xb, dv[v], acc[j][v]);
+      }
+    }
+  }
+  FASTMNIST_UNROLL for (int j = 0; j < NK; ++j) {
+    FASTMNIST_UNROLL for (int v = 0; v < V; ++v) {
+      float* d = dw + (k0 + j) * CO + c0 + L * v;
+      Vec::store(d, first ? acc[j][v] : Vec::add(Vec::load(d), acc[j][v]));
+    }
+  }
+}
+
+// Output rows go in blocks whose dz (and input rows) fit the L1 cache, each
+// block visiting every patch-entry tile: every tile pass over the image
+// would otherwise stream dz from L2.
+constexpr int64_t kWeightGradBlockBytes = 12 * 1024;
+
+template <typename Vec, int V, int S>
+void weight_grad_block(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, int64_t c0,
+                       float* dw) {
+  constexpr int NK = tile_rows<Vec, V>();
+  const int64_t K = g.kh * g.kw * g.in_c;
+  const int64_t row_bytes = g.out_w * Vec::L * V * static_cast<int64_t>(sizeof(float));
+  const int64_t block = imax(1, kWeightGradBlockBytes / row_bytes);
+  for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += block) {
+    const int64_t oy1 = imin(g.out_h, oy0 + block);
+    const bool first = oy0 == 0;
+    int64_t k = 0;
+    for (; k + NK <= K; k += NK) weight_grad_tile<Vec, NK, V, S>(in, dz, g, CO, c0, k, oy0, oy1, first, dw);
+    if (k < K)
+      with_tile_size<NK - 1>(K - k, [&](auto n) {
+        weight_grad_tile<Vec, decltype(n)::value, V, S>(in, dz, g, CO, c0, k, oy0, oy1, first, dw);
+      });
+  }
+}
+
+// Calls fn(c0, IntC<V>, IntC<S>) for channel blocks covering CO = L T
+// channels with V <= 4 registers each, as even as possible (T = 6 -> 3 + 3,
+// T = 7 -> 4 + 3). S is CO when one block covers it (a compile-time stride
+// lets the tiles address rows with constant offsets, ~8% faster), else 0.
+template <typename Vec, typename Fn>
+void for_each_channel_block(int64_t CO, const Fn& fn) {
+  const int64_t T = CO / Vec::L;
+  switch (T) {
+    case 1: return fn(int64_t{0}, IntC<1>{}, IntC<Vec::L>{});
+    case 2: return fn(int64_t{0}, IntC<2>{}, IntC<2 * Vec::L>{});
+    case 3: return fn(int64_t{0}, IntC<3>{}, IntC<3 * Vec::L>{});
+    case 4: return fn(int64_t{0}, IntC<4>{}, IntC<4 * Vec::L>{});
+    default: break;
+  }
+  const int64_t blocks = (T + 3) / 4;
+  int64_t c0 = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t v = (T - c0 / Vec::L + (blocks - b) - 1) / (blocks - b);  // ceil(remaining / blocks left)
+    switch (v) {
+      case 1: fn(c0, IntC<1>{}, IntC<0>{}); break;
+      case 2: fn(c0, IntC<2>{}, IntC<0>{}); break;
+      case 3: fn(c0, IntC<3>{}, IntC<0>{}); break;
+      default: fn(c0, IntC<4>{}, IntC<0>{}); break;
+    }
+    c0 += v * Vec::L;
+  }
+}
+
+template <typename Vec>
+void valid_conv_all(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out) {
+  for_each_channel_block<Vec>(CO, [&](int64_t c0, auto V, auto S) {
+    valid_conv_block<Vec, decltype(V)::value, decltype(S)::value>(in, w, g, CO, c0, out);
+  });
+}
+
+template <typename Vec>
+void weight_grad_all(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
+  for_each_channel_block<Vec>(CO, [&](int64_t c0, auto V, auto S) {
+    weight_grad_block<Vec, decltype(V)::value, decltype(S)::value>(in, dz, g, CO, c0, dw);
+  });
+}
+
+}  // namespace
