@@ -11,6 +11,10 @@ Environment switches:
   DEBUG=1                -O0 -g instead of -O3
   CUDA_HOME / CUDA_PATH  the CUDA toolkit (else found from nvcc, else /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0" when no GPU is visible)
+
+The extension is valid only with the torch it is built against: the build
+records that torch in fastmnist/_build_info.py (fastmnist.ops refuses to load
+_C under another torch, saying so), and the wheel requires that torch release.
 """
 import glob
 import os
@@ -20,7 +24,6 @@ import sys
 from setuptools import setup
 
 import torch
-import torch.utils.cpp_extension as cpp_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,17 +93,15 @@ def make_extension(use_cuda, cuda_home):
     debug = _flag("DEBUG")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    # No -march: the same wheel must run on any x86-64 CPU. The hot GEMMs go
-    # through torch's BLAS, which picks AVX2/AVX-512 at run time.
+    # No -march: the same wheel must run on any x86-64 CPU. The AVX2/FMA tiles
+    # (csrc/cpu/conv_tiles_avx2.h) carry their own target attributes and are
+    # chosen at run time; the im2col fallback for other CPUs calls torch's BLAS.
     # -fno-trapping-math lets the compiler turn the ReLU masks (r > 0 ? g : 0)
     # into vector selects instead of branches (30x on the backward's dz pass);
     # it changes no result, only whether FP exceptions may be raised speculatively.
     cxx += ["-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     extra = {"cxx": cxx}
     if use_cuda:
-        # Point torch's build helpers at the real toolkit before they use it.
-        os.environ["CUDA_HOME"] = cuda_home
-        cpp_ext.CUDA_HOME = cuda_home
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -121,13 +122,61 @@ def make_extension(use_cuda, cuda_home):
         sources,
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
+        # One wheel for every CPython >= 3.10 (torch >= 2.4 itself needs 3.9+; 2.14 needs 3.10):
+        # the stable ABI, declared to the compiler as well as in the wheel tag (cp310-abi3).
+        # torch's BuildExtension adds the same define; setuptools alone would not.
+        define_macros=[("Py_LIMITED_API", LIMITED_API_HEX)],
         py_limited_api=True,
     )
 
 
+def write_build_info(folders, use_cuda):
+    """fastmnist/_build_info.py (git-ignored): the torch this _C is built against."""
+    text = (
+        '"""Written by setup.py when it built fastmnist._C; not in git. fastmnist.ops compares it with\n'
+        'the running torch: a compiled extension is valid only with the torch it was built against."""\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA = {torch.version.cuda!r}\n"
+        f"WITH_CUDA_KERNELS = {use_cuda!r}\n"
+    )
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "_build_info.py"), "w") as f:
+            f.write(text)
+
+
+def torch_requirement():
+    """The torch release this build's extension needs: the one it is built against.
+
+    A public-version pin (==2.14.1) also matches local builds (2.14.1+cu130);
+    the CUDA flavour is checked at import time against _build_info.py."""
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
+LIMITED_API_HEX = "0x030A0000"  # CPython 3.10, the cp310 of the wheel tag below
 use_cuda, cuda_home = build_config()
+if use_cuda:
+    # torch.utils.cpp_extension reads CUDA_HOME once, when first imported: tell it the real
+    # toolkit through its documented variable rather than overwriting its module state.
+    os.environ["CUDA_HOME"] = cuda_home
+    if "torch.utils.cpp_extension" in sys.modules and sys.modules["torch.utils.cpp_extension"].CUDA_HOME != cuda_home:
+        sys.exit(f"fastmnist: torch.utils.cpp_extension was imported before setup.py chose CUDA_HOME={cuda_home}; "
+                 "set CUDA_HOME in the environment instead")
+import torch.utils.cpp_extension as cpp_ext  # noqa: E402  (after CUDA_HOME is settled)
+
+
+class BuildExtension(cpp_ext.BuildExtension):
+    """torch's BuildExtension (ninja), which also records the torch it built against."""
+
+    def run(self):
+        super().run()
+        build_dir = os.path.dirname(self.get_ext_fullpath("fastmnist._C"))
+        write_build_info({build_dir, os.path.join(HERE, "fastmnist")}, use_cuda)
+
+
 setup(
+    install_requires=[torch_requirement(), "torchvision", "numpy", "tqdm"],
     ext_modules=[make_extension(use_cuda, cuda_home)],
-    cmdclass={"build_ext": cpp_ext.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

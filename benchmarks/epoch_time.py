@@ -1,10 +1,14 @@
 """Time training steps of the default model: stock eager (NCHW), stock
 channels_last, torch.compile and our fused operator, interleaved in one process
 on the same batches. Reports the median step time, the epoch time it implies
-(469 steps of 128) and each variant's ratio to stock eager; writes JSON under
-benchmarks/results/ (or $OUT).
+(ceil(60000 / batch size) steps: 469 at 128) and each variant's ratio to stock
+eager; writes JSON under benchmarks/results/ (or $OUT) that records the git
+commit measured, the CPU model, threads and ATen CPU capability.
 
-    python benchmarks/epoch_time.py [--device cpu|cuda] [--rounds 30] [--steps 4]
+    python benchmarks/epoch_time.py [--device cpu|cuda] [--rounds 30] [--warmup 2] [--steps 4]
+
+Real MNIST batches by default (stops when MNIST is absent); --random-images
+times on random pixels instead, and the JSON says so.
 
 Rounds are short (4 steps per variant) so that the machine's drift, which on
 a shared 2-core VM comes in bursts of seconds, falls on every variant alike.
@@ -12,9 +16,12 @@ a shared 2-core VM comes in bursts of seconds, falls on every variant alike.
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,31 +29,31 @@ import torch
 import torch.nn.functional as F
 
 from fastmnist import ops
-from fastmnist.data import load_mnist, random_affine, to_float_images
+from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_images
 from fastmnist.model import build_model
 
-STEPS_PER_EPOCH = 469  # ceil(60000 / 128)
+MNIST_TRAIN_IMAGES = 60000
+REPO = Path(__file__).resolve().parent.parent
 
 
-def make_batches(n_batches, batch_size, device, data_dir):
-    """Augmented real MNIST batches (random images if MNIST is absent), built once, shared by all variants."""
+def make_batches(n_batches, batch_size, device, data_dir, random_images):
+    """Augmented real MNIST batches (random pixels only when asked), built once, shared by all variants."""
     gen = torch.Generator().manual_seed(0)
-    try:
-        mnist = load_mnist(data_dir, log=lambda *_: None)
+    if random_images:
+        images = torch.rand(n_batches * batch_size, 1, 28, 28, generator=gen)
+        labels = torch.randint(0, 10, (n_batches * batch_size,), generator=gen)
+    else:
+        mnist = load_mnist(data_dir, log=lambda *_: None)  # MNISTDataError names the remedy
         idx = torch.randperm(len(mnist.train_labels), generator=gen)[: n_batches * batch_size]
         images, labels = to_float_images(mnist.train_images[idx]), mnist.train_labels[idx]
         images = random_affine(images, gen)
-    except Exception as exc:  # timing does not depend on the pixel values
-        print(f"MNIST unavailable ({exc}); timing on random images")
-        images = torch.rand(n_batches * batch_size, 1, 28, 28, generator=gen)
-        labels = torch.randint(0, 10, (n_batches * batch_size,), generator=gen)
     return [(images[i : i + batch_size].to(device), labels[i : i + batch_size].to(device))
             for i in range(0, n_batches * batch_size, batch_size)]
 
 
 def make_variant(impl, memory_format, compiled, device):
     torch.manual_seed(0)
-    model = build_model(impl=impl).to(device, memory_format=memory_format)
+    model = build_model(impl=impl, device=device).to(memory_format=memory_format)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5)
     forward = torch.compile(model) if compiled else model
 
@@ -81,16 +88,53 @@ class StepTimer:
         return time.perf_counter() - t0
 
 
-def main():
+def git_commit():
+    """The commit measured, with '-dirty' when the working tree differs from it; None outside git."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def cpu_model():
+    """The CPU's marketing name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (the first 2 are warm-up)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="first rounds left out of the figures")
     parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--data-dir")
+    parser.add_argument("--random-images", action="store_true",
+                        help="time on random pixels instead of real MNIST (recorded in the JSON)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = parser.parse_args()
+    if args.warmup < 0 or args.steps < 1 or args.batch_size < 1:
+        parser.error("--warmup must be >= 0, --steps and --batch-size >= 1")
+    if (args.rounds - args.warmup) * args.steps < 2:
+        parser.error(f"--rounds {args.rounds} with --warmup {args.warmup} and --steps {args.steps} leaves "
+                     f"{max(0, args.rounds - args.warmup) * args.steps} timed steps per variant; need at least 2")
+    return args
+
+
+def main():
+    args = parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -107,7 +151,10 @@ def main():
     else:
         print(f"fused variant skipped: {ops.fused_unavailable_reason()}")
 
-    batches = make_batches(args.steps, args.batch_size, device, args.data_dir)
+    try:
+        batches = make_batches(args.steps, args.batch_size, device, args.data_dir, args.random_images)
+    except MNISTDataError as exc:
+        sys.exit(f"epoch_time: {exc}\n(or pass --random-images to time on random pixels)")
     steps, timer, compile_seconds = {}, StepTimer(device), {}
     for name, spec in variants.items():
         steps[name] = make_variant(*spec, device)
@@ -121,9 +168,10 @@ def main():
     for rnd in range(args.rounds):
         for name, step in steps.items():  # interleaved: drift in machine speed hits every variant alike
             times = [timer(lambda: step(x, y)) for x, y in batches]
-            if rnd >= 2:
+            if rnd >= args.warmup:
                 samples[name] += times
 
+    steps_per_epoch = math.ceil(MNIST_TRAIN_IMAGES / args.batch_size)
     base = statistics.median(samples["stock eager (NCHW)"])
     rows = []
     for name, ts in samples.items():
@@ -131,17 +179,21 @@ def main():
         q = statistics.quantiles(ts, n=4)
         rows.append({"variant": name, "median_step_ms": 1e3 * med, "iqr_ms": [1e3 * q[0], 1e3 * q[2]],
                      "mean_step_ms": 1e3 * statistics.fmean(ts), "stdev_ms": 1e3 * statistics.stdev(ts),
-                     "epoch_seconds": med * STEPS_PER_EPOCH, "ratio_to_stock_eager": med / base,
+                     "epoch_seconds": med * steps_per_epoch, "ratio_to_stock_eager": med / base,
                      "first_call_seconds": compile_seconds[name], "samples": len(ts)})
     meta = {
         "benchmark": "epoch_time", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch_size": args.batch_size,
-        "rounds_timed": args.rounds - 2, "steps_per_round": args.steps,
-        "method": "median of per-step times, variants interleaved round by round on the same batches; "
-                  "2 warm-up rounds excluded; CUDA events on the GPU",
+        "git_commit": git_commit(), "device": args.device,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model(),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fused_cpu_kernel_path": getattr(ops, "cpu_kernel_path", lambda: None)() if ops.fused_available() else None,
+        "batch_size": args.batch_size, "steps_per_epoch": steps_per_epoch,
+        "images": "random" if args.random_images else "mnist",
+        "rounds": args.rounds, "warmup_rounds": args.warmup, "rounds_timed": args.rounds - args.warmup,
+        "steps_per_round": args.steps,
+        "method": f"median of per-step times, variants interleaved round by round on the same batches; "
+                  f"{args.warmup} warm-up rounds excluded; CUDA events on the GPU",
     }
     result = {"meta": meta, "results": rows}
     out = Path(args.out)
@@ -149,8 +201,9 @@ def main():
     path = out / f"epoch_time-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
 
-    print(f"\n{meta['device_name']} ({args.device}, {meta['torch_threads']} threads), torch {meta['torch']}, "
-          f"batch {args.batch_size}, {len(samples['stock eager (NCHW)'])} timed steps per variant")
+    print(f"\n{meta['device_name']} ({args.device}, {meta['torch_threads']} threads, {meta['cpu_capability']}), "
+          f"torch {meta['torch']}, commit {meta['git_commit']}, batch {args.batch_size}, {meta['images']} images, "
+          f"{len(samples['stock eager (NCHW)'])} timed steps per variant")
     print("| variant | median step (ms) | IQR (ms) | epoch (s) | vs stock eager | first call (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -1,4 +1,6 @@
 """ConvReLUBN: Conv2d -> ReLU -> BatchNorm2d (-> Dropout2d) as one module, stock or fused."""
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -6,26 +8,37 @@ from torch import nn
 from fastmnist import ops
 
 IMPLS = ("fused", "stock")
+log = logging.getLogger("fastmnist")
 
 
-def default_impl() -> str:
-    """'fused' wherever the extension is built, else 'stock'."""
-    return "fused" if ops.fused_available() else "stock"
+def resolve_impl(impl, device=None) -> str:
+    """The one decision of which path runs on a device: 'fused' or 'stock'.
 
-
-def resolve_impl(impl) -> str:
-    """Check an impl name; None or 'auto' means default_impl()."""
+    impl is 'fused', 'stock', or None/'auto'; device (a torch.device or its
+    name; None means the CPU) is where the model will run. 'auto' picks the
+    fused path where this build has kernels for the device and otherwise falls
+    back to stock, logging why; 'fused' where it cannot run raises one
+    actionable RuntimeError instead of failing later in the dispatcher.
+    """
+    device_type = torch.device("cpu" if device is None else device).type
     if impl in (None, "auto"):
-        return default_impl()
+        reason = ops.fused_unavailable_reason(device_type)
+        if reason is None:
+            return "fused"
+        log.warning("fastmnist: --impl auto uses the stock layers on %s: %s", device_type, reason)
+        return "stock"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} or 'auto', got {impl!r}")
     if impl == "fused":
-        ops.require_fused()
+        ops.require_fused(device_type)
     return impl
 
 
 class ConvReLUBN(nn.Module):
     """dropout2d(bn(relu(conv(x)))) with stride 1; dropout (default 0) is Dropout2d's p.
+
+    impl and device go to resolve_impl(): the parameters are created on device
+    (None: the CPU) and the path is chosen for it.
 
     Holds a stock nn.Conv2d as .conv and nn.BatchNorm2d as .bn, so parameters,
     buffers and state_dict keys are the stock ones and a state_dict moves freely
@@ -35,14 +48,14 @@ class ConvReLUBN(nn.Module):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, padding=0, momentum=0.1, eps=1e-5, dropout=0.0,
-                 impl=None):
+                 impl=None, device=None):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding)
-        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, device=device)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device)
         self.dropout = dropout
-        self.impl = resolve_impl(impl)
+        self.impl = resolve_impl(impl, device)
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}, impl={self.impl!r}"

@@ -5,39 +5,62 @@ this module registers what the dispatcher needs from Python (fake tensors for
 torch.compile, autograd through the registered backward op), updates the BN
 running statistics, and ships the pure-PyTorch reference of the op.
 """
+import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_IMPORT_ERROR: Optional[str] = None
-try:
-    import fastmnist._C  # noqa: F401  (its import registers torch.ops.fastmnist.*)
-except ImportError as exc:  # the package still works on the stock path
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall ."
+
+
+def _torch_mismatch() -> Optional[str]:
+    """Why the built extension cannot be used with the running torch, or None.
+
+    A compiled extension is valid only with the torch it was built against (C++
+    ABI, op registration): loading it under another torch may fail with an
+    undefined symbol or, worse, load and crash. setup.py records the torch it
+    built with in fastmnist/_build_info.py; without that file (no build) the
+    import of _C decides alone.
+    """
+    try:
+        from fastmnist._build_info import TORCH_VERSION as built
+    except ImportError:
+        return None
+    if built == torch.__version__:
+        return None
+    return (
+        f"fastmnist._C was built against torch {built}, but torch {torch.__version__} is installed, and a "
+        f"compiled extension works only with the torch it was built against. Rebuild it for this torch: "
+        f"`{REBUILD}` in the fastmnist source folder (`pip install --no-build-isolation -e .` for an "
+        "editable install), or use impl='stock' (--impl stock)."
+    )
+
+
+_IMPORT_ERROR: Optional[str] = _torch_mismatch()  # the whole reason the fused path is off, or None
+if _IMPORT_ERROR is not None:
+    warnings.warn(f"fastmnist: the fused operator is off: {_IMPORT_ERROR}", RuntimeWarning, stacklevel=2)
+else:
+    try:
+        import fastmnist._C  # noqa: F401  (its import registers torch.ops.fastmnist.*)
+    except ImportError as exc:  # the package still works on the stock path
+        _IMPORT_ERROR = (
+            f"the compiled extension fastmnist._C did not load ({type(exc).__name__}: {exc}). Reinstall with "
+            f"`{REBUILD}` and read the compiler's messages, or use impl='stock' (--impl stock)."
+        )
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 def fused_available() -> bool:
-    """True when the compiled extension fastmnist._C is loaded."""
+    """True when the compiled extension fastmnist._C is loaded (and matches the running torch)."""
     return _IMPORT_ERROR is None
-
-
-def fused_unavailable_reason() -> Optional[str]:
-    """Why the fused path is off, or None when it is on."""
-    if _IMPORT_ERROR is None:
-        return None
-    return (
-        "the fused operator is unavailable because the compiled extension fastmnist._C "
-        f"did not load ({_IMPORT_ERROR}). Reinstall with "
-        "`pip install --no-build-isolation .` and read the compiler's messages, "
-        "or use impl='stock' (--impl stock)."
-    )
 
 
 def fused_supports(device_type: str) -> bool:
     """Whether the loaded extension has kernels for this device type ("cpu", "cuda")."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    key = _DISPATCH_KEYS.get(device_type)
     return (
         fused_available()
         and key is not None
@@ -45,10 +68,26 @@ def fused_supports(device_type: str) -> bool:
     )
 
 
-def require_fused() -> None:
-    """Raise one actionable error when the fused path is asked for and absent."""
+def fused_unavailable_reason(device_type: Optional[str] = None) -> Optional[str]:
+    """Why the fused path is off (on this device type, when given), or None when it is on."""
     if _IMPORT_ERROR is not None:
-        raise RuntimeError(fused_unavailable_reason())
+        return f"the fused operator is unavailable: {_IMPORT_ERROR}"
+    if device_type is None or fused_supports(device_type):
+        return None
+    if device_type not in _DISPATCH_KEYS:
+        return f"the fused operator has no kernels for device type {device_type!r}; use impl='stock' (--impl stock)."
+    return (
+        f"this build of fastmnist._C has no {device_type.upper()} kernels (built without them: CUDA needs a "
+        "CUDA build of torch and the CUDA toolkit at build time). Rebuild with "
+        f"`FORCE_CUDA=1 {REBUILD}`, or use impl='stock' (--impl stock)."
+    )
+
+
+def require_fused(device_type: Optional[str] = None) -> None:
+    """Raise one actionable error when the fused path is asked for (on this device type) and absent."""
+    reason = fused_unavailable_reason(device_type)
+    if reason is not None:
+        raise RuntimeError(reason)
 
 
 def conv_relu_bn(

@@ -1,10 +1,15 @@
+import importlib.util
+import logging
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
 from fastmnist import ops
-from fastmnist.layers import ConvReLUBN, default_impl, resolve_impl
+from fastmnist.layers import ConvReLUBN, resolve_impl
 
 needs_fused = pytest.mark.skipif(not ops.fused_available(), reason=f"{ops.fused_unavailable_reason()}")
 
@@ -23,9 +28,69 @@ def test_stock_is_bn_of_relu_of_conv():
     assert_close(layer(x), layer.bn(torch.relu(layer.conv(x))))
 
 
-def test_default_impl_is_fused_where_built():
-    assert default_impl() == ("fused" if ops.fused_available() else "stock")
-    assert resolve_impl(None) == resolve_impl("auto") == default_impl()
+@needs_fused
+def test_auto_is_fused_on_the_cpu_where_built(caplog):
+    with caplog.at_level(logging.WARNING, logger="fastmnist"):
+        assert resolve_impl(None) == resolve_impl("auto") == resolve_impl("auto", "cpu") == "fused"
+        assert ConvReLUBN(1, 2, 3).impl == "fused"
+    assert not caplog.records
+
+
+@pytest.fixture
+def build_without_cuda_kernels(monkeypatch):
+    """A loaded extension with CPU kernels only, as FASTMNIST_CPU_ONLY=1 or a GPU-less toolkit builds it."""
+    monkeypatch.setattr(ops, "_IMPORT_ERROR", None)
+    monkeypatch.setattr(ops, "fused_supports", lambda device_type: device_type == "cpu")
+
+
+def test_auto_falls_back_on_a_device_without_kernels_and_says_why(build_without_cuda_kernels, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastmnist"):
+        assert resolve_impl("auto", torch.device("cuda")) == "stock"
+    assert "no CUDA kernels" in caplog.text and "FORCE_CUDA=1" in caplog.text
+    assert resolve_impl("auto", "cpu") == "fused"
+
+
+def test_fused_on_a_device_without_kernels_is_refused_up_front(build_without_cuda_kernels):
+    with pytest.raises(RuntimeError, match="no CUDA kernels.*--impl stock"):
+        resolve_impl("fused", "cuda")
+    with pytest.raises(RuntimeError, match="no kernels for device type 'meta'"):
+        ConvReLUBN(1, 2, 3, impl="fused", device="meta")
+
+
+def test_auto_falls_back_without_the_extension_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(ops, "_IMPORT_ERROR", "the compiled extension fastmnist._C did not load (simulated)")
+    with caplog.at_level(logging.WARNING, logger="fastmnist"):
+        layer = ConvReLUBN(1, 2, 3)
+    assert layer.impl == "stock"
+    assert "did not load (simulated)" in caplog.text
+    with pytest.raises(RuntimeError, match="did not load"):
+        ConvReLUBN(1, 2, 3, impl="fused")
+
+
+def test_auto_says_so_when_torch_differs_from_the_build():
+    """_C built against another torch: one clear warning at import, fused reported off with that reason."""
+    if importlib.util.find_spec("fastmnist._build_info") is None:
+        pytest.skip("no fastmnist/_build_info.py: the extension was not built by this setup.py")
+    code = (
+        "import logging, torch, warnings\n"
+        "torch.__version__ = '0.0.1+other'\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from fastmnist import ops\n"
+        "    from fastmnist.layers import resolve_impl\n"
+        "print(len([w for w in caught if 'fastmnist' in str(w.message)]))\n"
+        "print(ops.fused_available(), ops.fused_supports('cpu'))\n"
+        "print(ops.fused_unavailable_reason())\n"
+        "logging.basicConfig(format='LOG %(message)s')\n"
+        "print(resolve_impl('auto'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    n_warnings, available, reason, impl = run.stdout.splitlines()[-4:]
+    assert n_warnings == "1" and available == "False False" and impl == "stock"
+    assert "built against torch" in reason and "0.0.1+other is installed" in reason
+    assert "pip install --no-build-isolation" in reason
+    assert "LOG fastmnist: --impl auto uses the stock layers on cpu" in run.stderr
 
 
 def test_unknown_impl_is_refused():

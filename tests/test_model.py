@@ -12,7 +12,7 @@ needs_fused = pytest.mark.skipif(not ops.fused_available(), reason=f"{ops.fused_
 
 
 def test_parameter_counts():
-    assert count_parameters(build_model("reference", impl="stock")) == 12650  # SPEC.md's network
+    assert count_parameters(build_model("reference", impl="stock")) == 12650  # docs/assignment.md's network
     assert count_parameters(build_model(impl="stock")) == 18458 < 20000
 
 
@@ -28,6 +28,22 @@ def test_output_shape_and_no_parameters_in_normalisation():
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
     assert all(p.requires_grad for p in model.parameters())
     assert "0.mean" in model.state_dict() and "0.std" in model.state_dict()
+
+
+def test_build_model_decides_the_impl_for_its_device():
+    """One decision, for the device the model is built on: no kernels there, no fused blocks."""
+    model = build_model(device="meta")  # a device no build has kernels for
+    assert {m.impl for m in model.modules() if isinstance(m, ConvReLUBN)} == {"stock"}
+    assert all(p.device.type == "meta" for p in model.parameters())
+    with pytest.raises(RuntimeError, match="no kernels for device type 'meta'"):
+        build_model(impl="fused", device="meta")
+
+
+@needs_fused
+def test_build_model_defaults_to_fused_on_the_cpu():
+    model = build_model()
+    assert {m.impl for m in model.modules() if isinstance(m, ConvReLUBN)} == {"fused"}
+    assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 def test_unknown_model_and_bad_dropout_are_refused():
@@ -76,3 +92,28 @@ def test_fused_and_stock_models_follow_the_same_loss_trajectory():
             opt.zero_grad(), loss.backward(), opt.step()
             losses[i].append(loss.item())
     assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-4)
+
+
+@needs_fused
+@pytest.mark.slow  # compiling the model takes about a minute on 2 cores
+def test_torch_compile_fullgraph_matches_eager_on_the_fused_path():
+    """torch.compile(fullgraph=True) traces our op (fake tensors, autograd, the in-place
+    running-statistics update, the dropout scale) with no graph break, and the compiled
+    forward, backward and statistics match eager's."""
+    torch.manual_seed(0)
+    eager = build_model(impl="fused", dropout=0.05)
+    compiled_model = build_model(impl="fused", dropout=0.05)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    outs = []
+    for model, forward in ((eager, eager), (compiled_model, compiled)):
+        torch.manual_seed(1)  # the same dropout masks: inductor's fallback_random draws as eager does
+        with torch._inductor.config.patch(fallback_random=True):
+            logits = forward(x)
+            F.cross_entropy(logits, y).backward()
+        outs.append((logits, {n: p.grad for n, p in model.named_parameters()}, model.state_dict()))
+    (logits_e, grads_e, state_e), (logits_c, grads_c, state_c) = outs
+    assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
+    assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-5)
+    assert_close(state_c, state_e, rtol=1e-5, atol=1e-6)
