@@ -16,8 +16,9 @@ from fastmnist.model import build_model
 STATE_FILE = "checkpoint.pt"  # resumable training state, rewritten after every epoch
 RUN_FILES = (STATE_FILE, "metrics.json", "model.pt")
 # v2: each block's Dropout2d lives inside its ConvReLUBN, so the Sequential's
-# indices (and state_dict keys) differ from v1's.
-MODEL_FORMAT = "fastmnist-model-v2"
+# indices (and state_dict keys) differ from v1's. v3: the transition (conv,
+# ReLU, pool) and the head (conv, pool) are one ConvPool each: indices moved again.
+MODEL_FORMAT = "fastmnist-model-v3"
 
 
 class CheckpointError(Exception):

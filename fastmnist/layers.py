@@ -1,4 +1,5 @@
-"""ConvReLUBN: Conv2d -> ReLU -> BatchNorm2d (-> Dropout2d) as one module, stock or fused."""
+"""The network's fused modules, each stock or fused: ConvReLUBN (Conv2d -> ReLU -> BatchNorm2d -> Dropout2d)
+and ConvPool (Conv2d -> ReLU -> AvgPool2d, the ReLU optional)."""
 import logging
 
 import torch
@@ -86,3 +87,27 @@ class ConvReLUBN(nn.Module):
             self.conv.padding[0],
             ops.dropout2d_scale(x, self.conv.out_channels, self.dropout) if drop else None,
         )
+
+
+class ConvPool(nn.Conv2d):
+    """avg_pool2d(relu(conv(x)), pool) (the ReLU only when relu), stride 1: the network's transition and head.
+
+    A stock nn.Conv2d itself (weight, bias, state_dict keys), so BN folding and
+    state dicts treat it as the convolution it is. The fused path is one
+    fastmnist::conv_relu_pool call; on a device whose build has no kernel for
+    that op (CUDA, so far) the stock layers run, as they do for impl="stock".
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, pool, relu=True, padding=0, impl=None, device=None):
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding, device=device)
+        self.pool, self.relu = pool, relu
+        self.impl = resolve_impl(impl, device)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pool={self.pool}, relu={self.relu}, impl={self.impl!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "fused" and x.device.type in ops.CONV_RELU_POOL_DEVICES:
+            return ops.conv_relu_pool(x, self.weight, self.bias, self.pool, self.relu, self.padding[0])
+        z = super().forward(x)
+        return F.avg_pool2d(torch.relu(z) if self.relu else z, self.pool)

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from fastmnist.layers import ConvReLUBN, resolve_impl
+from fastmnist.layers import ConvPool, ConvReLUBN, resolve_impl
 
 # MNIST training-set pixel statistics; fixed buffers so a saved model needs
 # nothing but itself to classify a digit in [0, 1].
@@ -38,14 +38,11 @@ def _layers(impl, dropout, device, width1, width2):
         block(1, 16),  # 26x26
         block(16, width1),  # 24x24
         block(width1, 32),  # 22x22
-        nn.Conv2d(32, 16, 1),
-        nn.ReLU(),
-        nn.AvgPool2d(2),  # 11x11
+        ConvPool(32, 16, 1, pool=2, relu=True, impl=impl, device=device),  # 1x1 conv, ReLU, AvgPool2d(2): 11x11
         block(16, width2),  # 9x9
         block(width2, 16),  # 7x7
-        nn.Conv2d(16, 10, 1),
-        nn.AvgPool2d(7),  # global average pooling: 10 logits
-        nn.Flatten(),
+        ConvPool(16, 10, 1, pool=7, relu=False, impl=impl, device=device),  # 1x1 conv, global average pooling
+        nn.Flatten(),  # 10 logits
     ]
 
 

@@ -58,13 +58,13 @@ def fused_available() -> bool:
     return _IMPORT_ERROR is None
 
 
-def fused_supports(device_type: str) -> bool:
-    """Whether the loaded extension has kernels for this device type ("cpu", "cuda")."""
+def fused_supports(device_type: str, op: str = "conv_relu_bn") -> bool:
+    """Whether the loaded extension has kernels of op for this device type ("cpu", "cuda")."""
     key = _DISPATCH_KEYS.get(device_type)
     return (
         fused_available()
         and key is not None
-        and torch._C._dispatch_has_kernel_for_dispatch_key("fastmnist::conv_relu_bn", key)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmnist::{op}", key)
     )
 
 
@@ -280,3 +280,7 @@ def _register_conv_relu_pool() -> None:
 
 if _IMPORT_ERROR is None:
     _register()
+
+# Device types with conv_relu_pool kernels, decided once at import (a
+# constant to torch.compile, which cannot trace the dispatcher query).
+CONV_RELU_POOL_DEVICES = frozenset(d for d in _DISPATCH_KEYS if fused_supports(d, "conv_relu_pool"))

@@ -45,6 +45,10 @@ inline scalar_t relu_grad(scalar_t r, scalar_t g) {
   return r <= scalar_t(0) ? scalar_t(0) : g;
 }
 
+// The per-channel loops below carry `#pragma omp simd`: with CO fixed at
+// compile time GCC unrolls them fully and then, because of the ReLU selects,
+// leaves them scalar (measured 3.5x slower in the pooling op's dz pass).
+
 // Rows are summed in blocks of this many in scalar_t, then added into double
 // accumulators: vectorisable, and the float rounding error stays that of a
 // 64-term sum.
@@ -63,6 +67,7 @@ void relu_epilogue_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ b
     const int64_t i1 = std::min(rows, i0 + kRowBlock);
     for (int64_t c = 0; c < C; ++c) bs[c] = bq[c] = scalar_t(0);
     for (int64_t i = i0; i < i1; ++i) {
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t v = z[i * C + c] + bias[c];
         const scalar_t r = relu(v);
@@ -124,6 +129,7 @@ void normalize_rows(const scalar_t* __restrict__ r, int64_t rows, int64_t channe
                     const scalar_t* __restrict__ sh, scalar_t* __restrict__ y) {
   const int64_t C = CO > 0 ? CO : channels;
   for (int64_t i = 0; i < rows; ++i) {
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) y[i * C + c] = r[i * C + c] * sc[c] + sh[c];
   }
 }
@@ -250,6 +256,7 @@ void bn_grad_sums_impl(const scalar_t* __restrict__ dy, const scalar_t* __restri
     const int64_t i1 = std::min(rows, i0 + kRowBlock);
     for (int64_t c = 0; c < C; ++c) bs[c] = br[c] = scalar_t(0);
     for (int64_t i = i0; i < i1; ++i) {
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         bs[c] += dy[i * C + c];
         br[c] += dy[i * C + c] * r[i * C + c];
@@ -313,6 +320,7 @@ void relu_bn_grad_impl(const scalar_t* __restrict__ dy, const scalar_t* __restri
     const int64_t i1 = std::min(rows, i0 + kRowBlock);
     for (int64_t c = 0; c < C; ++c) bs[c] = scalar_t(0);
     for (int64_t i = i0; i < i1; ++i) {
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t rv = r[i * C + c];
         const scalar_t g = a[c] * dy[i * C + c] + b[c] * rv + d[c];

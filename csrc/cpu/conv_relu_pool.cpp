@@ -16,7 +16,9 @@
 
 #include "../checks.h"
 #include "conv_products.h"
+#include "dispatch_channels.h"
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -38,16 +40,21 @@ ConvGeometry check_pool_inputs(const char* op, const at::Tensor& x, const at::Te
 }
 
 // One image: r = act(z + bias) in place (z is (hout * wout, C)), and its
-// pooled means into out ((hout / pool) * (wout / pool), C).
-template <typename scalar_t>
-void activate_and_pool(scalar_t* __restrict__ z, const scalar_t* __restrict__ bias, const ConvGeometry& g,
-                       bool relu, int64_t pool, scalar_t* __restrict__ out) {
-  const int64_t C = g.cout, P = g.pixels(), ph = g.hout / pool, pw = g.wout / pool;
+// pooled means into out ((hout / pool) * (wout / pool), C). CO as in dispatch_channels.
+template <typename scalar_t, int64_t CO>
+void activate_and_pool_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ bias, const ConvGeometry& g,
+                            bool relu, int64_t pool, scalar_t* __restrict__ out) {
+  const int64_t C = CO > 0 ? CO : g.cout, P = g.pixels(), ph = g.hout / pool, pw = g.wout / pool;
   for (int64_t p = 0; p < P; ++p) {
     scalar_t* zp = z + p * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t v = zp[c] + bias[c];
-      zp[c] = relu && v < scalar_t(0) ? scalar_t(0) : v;  // NaN passes, as in torch.relu
+    if (relu) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t v = zp[c] + bias[c];
+        zp[c] = v < scalar_t(0) ? scalar_t(0) : v;  // NaN passes, as in torch.relu
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) zp[c] += bias[c];
     }
   }
   const scalar_t inv_area = scalar_t(1) / static_cast<scalar_t>(pool * pool);
@@ -63,6 +70,14 @@ void activate_and_pool(scalar_t* __restrict__ z, const scalar_t* __restrict__ bi
       for (int64_t c = 0; c < C; ++c) o[c] *= inv_area;
     }
   }
+}
+
+template <typename scalar_t>
+void activate_and_pool(scalar_t* z, const scalar_t* bias, const ConvGeometry& g, bool relu, int64_t pool,
+                       scalar_t* out) {
+  dispatch_channels(g.cout, [&](auto CO) {
+    activate_and_pool_impl<scalar_t, decltype(CO)::value>(z, bias, g, relu, pool, out);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(const at::Tensor& x_in, const at::Tensor& weight,
@@ -102,32 +117,47 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(const at::Tensor& x_in
   return {out, relu_out};
 }
 
-// One image's dz from grad_out (see the file comment); adds sum dz into grad_bias.
-template <typename scalar_t>
-void pooled_relu_grad(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ r, const ConvGeometry& g,
-                      int64_t pool, scalar_t* __restrict__ dz, double* __restrict__ grad_bias) {
-  const int64_t C = g.cout, ph = g.hout / pool, pw = g.wout / pool;
+// One image's dz from grad_out (see the file comment); adds sum dz into
+// grad_bias. CO > 0 fixes the channel count at compile time (dispatch_channels).
+template <typename scalar_t, int64_t CO>
+void pooled_relu_grad_impl(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ r,
+                           const ConvGeometry& g, int64_t pool, scalar_t* __restrict__ dz,
+                           scalar_t* __restrict__ bias_sum) {
+  const int64_t C = CO > 0 ? CO : g.cout, ph = g.hout / pool, pw = g.wout / pool;
   const scalar_t inv_area = scalar_t(1) / static_cast<scalar_t>(pool * pool);
-  std::vector<scalar_t> bias_sum(C, scalar_t(0));
   for (int64_t y = 0; y < g.hout; ++y) {
-    for (int64_t x = 0; x < g.wout; ++x) {
-      const int64_t p = y * g.wout + x;
-      scalar_t* d = dz + p * C;
-      if (y >= ph * pool || x >= pw * pool) {  // outside every whole window
-        for (int64_t c = 0; c < C; ++c) d[c] = scalar_t(0);
-        continue;
+    scalar_t* drow = dz + y * g.wout * C;
+    const scalar_t* rrow = r ? r + y * g.wout * C : nullptr;
+    int64_t x = 0;
+    if (y < ph * pool) {
+      const scalar_t* gorow = grad_out + (y / pool) * pw * C;
+      for (; x < pw * pool; ++x) {
+        const scalar_t* go = gorow + (x / pool) * C;
+        scalar_t* d = drow + x * C;
+        // Branch-free (the product is formed either way), so the loop vectorises.
+        const scalar_t* rp = rrow ? rrow + x * C : go;  // without ReLU, a mask that passes all (go >= 0 or not)
+        const bool masked = rrow != nullptr;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t v = go[c] * inv_area;
+          const scalar_t dv = masked && rp[c] <= scalar_t(0) ? scalar_t(0) : v;
+          d[c] = dv;
+          bias_sum[c] += dv;
+        }
       }
-      const scalar_t* go = grad_out + ((y / pool) * pw + x / pool) * C;
-      if (r != nullptr) {
-        const scalar_t* rp = r + p * C;
-        for (int64_t c = 0; c < C; ++c) d[c] = rp[c] <= scalar_t(0) ? scalar_t(0) : go[c] * inv_area;
-      } else {
-        for (int64_t c = 0; c < C; ++c) d[c] = go[c] * inv_area;
-      }
-      for (int64_t c = 0; c < C; ++c) bias_sum[c] += d[c];
     }
+    std::fill(drow + x * C, drow + g.wout * C, scalar_t(0));  // outside every whole window
   }
-  for (int64_t c = 0; c < C; ++c) grad_bias[c] += bias_sum[c];
+}
+
+template <typename scalar_t>
+void pooled_relu_grad(const scalar_t* grad_out, const scalar_t* r, const ConvGeometry& g, int64_t pool,
+                      scalar_t* dz, double* grad_bias) {
+  std::vector<scalar_t> bias_sum(g.cout, scalar_t(0));
+  dispatch_channels(g.cout, [&](auto CO) {
+    pooled_relu_grad_impl<scalar_t, decltype(CO)::value>(grad_out, r, g, pool, dz, bias_sum.data());
+  });
+  for (int64_t c = 0; c < g.cout; ++c) grad_bias[c] += bias_sum[c];
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
