@@ -74,6 +74,8 @@ def conv_relu_bn(
     image and channel: dropout2d_scale() makes the one Dropout2d would apply.
     """
     require_fused()
+    _check_same_device(x, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
+                       running_mean=running_mean, running_var=running_var, channel_scale=channel_scale)
     if channel_scale is not None and channel_scale.requires_grad:
         raise ValueError("channel_scale must be a constant (a dropout mask); it gets no gradient. Pass it detached.")
     y, _, mean, var = torch.ops.fastmnist.conv_relu_bn(
@@ -82,6 +84,15 @@ def conv_relu_bn(
     if training:
         update_running_stats(running_mean, running_var, mean, var, momentum, count=y.numel() // y.shape[1])
     return y
+
+
+def _check_same_device(x: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Refuse a tensor on another device than x: the op would otherwise read memory that holds
+    nothing (a meta tensor has no storage) and write it into the running statistics."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"conv_relu_bn: {name} is on {t.device} but x is on {x.device}; "
+                             "move the module and its input to one device (module.to(device))")
 
 
 def dropout2d_scale(x: Tensor, channels: int, p: float) -> Tensor:
