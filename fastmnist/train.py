@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +50,10 @@ class TrainConfig:
 
 class TrainingStopped(Exception):
     """Raised when a signal stopped training; the run was saved and can be resumed."""
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: stopped at once, without saving; a KeyboardInterrupt, so cleanup still runs."""
 
 
 class NonFiniteLoss(Exception):
@@ -99,10 +103,15 @@ def evaluate(model, images_u8, labels, batch_size=1000, memory_format=torch.cont
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks at each step boundary."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks at each step boundary.
 
-    def __init__(self):
+    A second signal stops at once, without saving: it raises TrainingAborted,
+    whose message (say where the last checkpoint is) the caller gives.
+    """
+
+    def __init__(self, second_signal_message: str = "stopped at once, without saving"):
         self.signal = None
+        self.second_signal_message = second_signal_message
         self._previous = {}
 
     def __enter__(self):
@@ -112,7 +121,7 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
+            raise TrainingAborted(f"{signal.Signals(signum).name} again: {self.second_signal_message}")
         self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -125,10 +134,86 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     out = Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{cfg.seed}"))
     if resume:
         state = checkpoint.load_training_state(out)
-        cfg = TrainConfig(**{**state["config"], "progress": cfg.progress, "data_dir": cfg.data_dir or state["config"]["data_dir"]})
-    else:
-        checkpoint.prepare_out_dir(out, overwrite=overwrite)
-        state = None
+        cfg = resumed_config(state, cfg, out)
+        return _train(cfg, out, state, log)
+    checkpoint.prepare_out_dir(out, overwrite=overwrite)  # an old run is moved aside, not deleted
+    try:
+        return _train(cfg, out, None, log)
+    except BaseException:
+        checkpoint.restore_previous_run(out)  # nothing to restore once the new run has saved a checkpoint
+        raise
+
+
+def resumed_config(state: dict, cfg: TrainConfig, out: Path) -> TrainConfig:
+    """The saved run's configuration, with what a resume may change (data_dir, progress) from cfg."""
+    saved = state["config"]
+    known = {f.name for f in fields(TrainConfig)}
+    if not isinstance(saved, dict) or not set(saved) <= known:
+        unknown = sorted(set(saved) - known) if isinstance(saved, dict) else type(saved).__name__
+        raise checkpoint.CheckpointError(
+            f"{out / checkpoint.STATE_FILE}: its configuration has unknown settings {unknown}; it was written by "
+            "another fastmnist version: start a new run with --overwrite or another --out"
+        )
+    wrong = [k for k, v in saved.items() if not isinstance(v, _config_types(getattr(TrainConfig, k, None)))]
+    if wrong:
+        raise checkpoint.CheckpointError(
+            f"{out / checkpoint.STATE_FILE}: its configuration holds values of the wrong type for {sorted(wrong)}; "
+            "it is damaged: start a new run with --overwrite or another --out"
+        )
+    return TrainConfig(**{**saved, "progress": cfg.progress, "data_dir": cfg.data_dir or saved.get("data_dir")})
+
+
+def _config_types(default) -> tuple:
+    """The types a saved setting may have, judged by its default (None: an optional path or count)."""
+    if default is None:
+        return (type(None), int, str)
+    if isinstance(default, bool):
+        return (bool,)
+    return (int, float) if isinstance(default, float) else (type(default),)
+
+
+def restore_state(state, out, model, optimizer, scheduler, aug_gen, device, epochs, steps_per_epoch):
+    """(history, epoch, step, sums, seen) from a checkpoint, into the freshly built objects.
+
+    A damaged or foreign checkpoint fails here in one line naming the part that
+    does not fit, never later with a traceback or a wrong position.
+    """
+    where = out / checkpoint.STATE_FILE
+    remedy = "it is damaged or was written by another fastmnist version: start a new run with --overwrite or another --out"
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise checkpoint.CheckpointError(
+            f"{where}: its weights do not fit this version's network ({_first_line(exc)[:160]}); {remedy}"
+        ) from None
+    part = "optimiser state"
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        part = "scheduler state"
+        scheduler.load_state_dict(state["scheduler"])
+        part = "random number generator states"
+        checkpoint.set_rng_states(state["rng"], aug_gen, device)
+        part = "position"
+        history, epoch, step, seen = list(state["history"]), state["epoch"], state["step"], state["seen"]
+        sums = state["sums"].to(device=device, dtype=torch.float64)
+    except Exception as exc:  # load_state_dict and set_state raise many types for a bad state: one line
+        raise checkpoint.CheckpointError(f"{where}: its {part} cannot be restored ({_first_line(exc)[:160]}); {remedy}") from None
+    if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, step, seen))
+            and 0 <= epoch <= epochs and 0 <= step <= steps_per_epoch and len(history) == epoch and seen >= 0
+            and sums.shape == (2,) and (epoch < epochs or step == 0)):
+        raise checkpoint.CheckpointError(
+            f"{where}: an impossible position (epoch {epoch!r}, step {step!r}, {len(history)} epochs of history, "
+            f"for {epochs} epochs of {steps_per_epoch} steps); {remedy}"
+        )
+    return history, epoch, step, sums, seen
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _train(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last  # our kernels and oneDNN both prefer NHWC
@@ -154,19 +239,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: on the device, no sync
     seen = 0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise checkpoint.CheckpointError(
-                f"{out / checkpoint.STATE_FILE}: its weights do not fit this version's {cfg.model!r} network "
-                f"({str(exc).splitlines()[0][:160]}); it was written by another fastmnist version: "
-                "start a new run with --overwrite or another --out"
-            ) from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_states(state["rng"], aug_gen, device)
-        history, epoch, step = state["history"], state["epoch"], state["step"]
-        sums, seen = state["sums"].to(device), state["seen"]
+        history, epoch, step, sums, seen = restore_state(
+            state, out, model, optimizer, scheduler, aug_gen, device, cfg.epochs, steps_per_epoch)
         log(f"fastmnist: resuming {out} at epoch {epoch + 1}, step {step}/{steps_per_epoch}")
 
     n_params = count_parameters(model)
@@ -180,7 +254,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
             "history": history, "epoch": epoch, "step": step, "sums": sums.cpu(), "seen": seen, "kind": kind,
         })
 
-    with StopFlag() as stop:
+    with StopFlag(f"stopped at once, without saving; the last checkpoint in {out}, if any, is kept "
+                  f"(resume it with: fastmnist train --resume {out})") as stop:
         while epoch < cfg.epochs:
             model.train()
             perm = epoch_permutation(cfg.seed, epoch, len(train_y)).to(device)
