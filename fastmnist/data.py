@@ -195,10 +195,11 @@ def _why(exc: BaseException) -> str:
     """What went wrong in a fetch, on one line: the tool's own last words, not just its exit status."""
     if isinstance(exc, subprocess.TimeoutExpired):
         return f"no answer within {exc.timeout:g} s"
-    stderr = getattr(exc, "stderr", None) or ""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("  ")]
+    if not isinstance(exc, subprocess.CalledProcessError):
+        return " ".join(str(exc).split()) or type(exc).__name__
+    lines = [line.strip() for line in (exc.stderr or "").splitlines() if line.strip() and not line.startswith("  ")]
     detail = " / ".join(lines[-3:])[-400:]  # npm ends with its error and remedy; Python with the exception
-    return f"{exc}: {detail}" if detail else str(exc)
+    return f"exit status {exc.returncode}" + (f": {detail}" if detail else "")
 
 
 def acquire(dest, log=print) -> str:
