@@ -63,14 +63,14 @@ def _read_regular_file(path: Path) -> bytes:
         raise ImageError(path, "cannot read: not a regular file (a folder, device or pipe); pass an image file")
     with os.fdopen(fd, "rb") as f:
         if info.st_size > MAX_FILE_BYTES:
-            raise ImageError(path, f"{info.st_size} bytes, over the {MAX_FILE_BYTES >> 20} MiB limit for an image; "
+            raise ImageError(path, f"{info.st_size:,} bytes, over the limit of {MAX_FILE_BYTES:,} bytes for an image; "
                              "pass a smaller image of the digit")
         try:
             data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows while we read
         except OSError as exc:
             raise ImageError(path, f"cannot read ({exc.strerror or exc})") from None
     if len(data) > MAX_FILE_BYTES:
-        raise ImageError(path, f"over the {MAX_FILE_BYTES >> 20} MiB limit for an image; pass a smaller image")
+        raise ImageError(path, f"over the limit of {MAX_FILE_BYTES:,} bytes for an image; pass a smaller image")
     if not data:
         raise ImageError(path, "empty file")
     return data
