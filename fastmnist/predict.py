@@ -35,7 +35,7 @@ INK_FRACTION = 0.1  # pixels above this fraction of the brightest one bound the 
 MAX_PIXELS = 40_000_000  # 40 megapixels, a large phone photo; bounds decoding memory (~200 MB at most)
 MAX_FILE_BYTES = 64 << 20  # 64 MiB: more than any 40-megapixel JPEG or PNG of a digit needs
 WORK_SIDE = 2048  # larger images are box-reduced to this before the float maths: a digit needs far less
-FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP")  # MPO: the JPEG variant many phone cameras write
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # Pillow opens phones' MPO files as JPEG
 
 
 class ImageError(Exception):
