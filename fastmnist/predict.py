@@ -45,6 +45,9 @@ class ImageError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason
 
+    def __reduce__(self):  # picklable, so a decoding worker process can send it back
+        return type(self), (self.path, self.reason)
+
 
 def _read_regular_file(path: Path) -> bytes:
     """The file's bytes; only a regular file of at most MAX_FILE_BYTES.
