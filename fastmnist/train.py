@@ -133,6 +133,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     """Train per cfg, writing checkpoints and metrics to cfg.out; returns the metrics."""
     out = Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{cfg.seed}"))
     if resume:
+        checkpoint.restore_previous_run(out)  # an --overwrite killed before its first checkpoint: resume the old run
         state = checkpoint.load_training_state(out)
         cfg = resumed_config(state, cfg, out)
         return _train(cfg, out, state, log)

@@ -96,3 +96,15 @@ def test_a_replacing_run_killed_before_its_first_checkpoint_loses_nothing(tmp_pa
     with pytest.raises(RunExistsError, match="--overwrite"):
         checkpoint.prepare_out_dir(out, overwrite=False)
     assert contents(out) == old
+
+
+def test_resume_after_a_killed_overwrite_continues_the_old_run(tmp_path):
+    """The old run's checkpoint.pt waits aside; --resume puts it back before reading it."""
+    from fastmnist.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    fake_run(out, "old")
+    checkpoint.prepare_out_dir(out, overwrite=True)  # ...and then the process was killed
+    with pytest.raises(CheckpointError, match="not a readable training checkpoint"):  # the fake one, found
+        train(TrainConfig(out=str(out), progress=False), resume=True, log=lambda *a: None)
+    assert (out / checkpoint.STATE_FILE).read_bytes() == b"old checkpoint.pt"

@@ -24,6 +24,8 @@ from PIL import Image
 from fastmnist.predict import ImageError, load_digit
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A crash respawns the worker (seconds) for every example hypothesis then shrinks: bound the whole test.
+pytestmark = pytest.mark.timeout(300)
 FOLDER = Path(tempfile.mkdtemp(prefix="fastmnist-image-fuzz-"))
 
 

@@ -214,8 +214,11 @@ def test_a_second_ctrl_c_is_one_line_not_a_traceback(mnist_dir, tmp_path, monkey
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "random_affine", twice)
-    code = main(["train", "--epochs", "1", "--limit-train", "512", "--limit-test", "100", "--no-progress",
-                 "--data-dir", mnist_dir, "--out", str(tmp_path / "run")])
+    try:
+        code = main(["train", "--epochs", "1", "--limit-train", "512", "--limit-test", "100", "--no-progress",
+                     "--data-dir", mnist_dir, "--out", str(tmp_path / "run")])
+    except KeyboardInterrupt:  # caught here, or pytest would take it for the user's and stop the session
+        pytest.fail("the second Ctrl-C escaped main() as a KeyboardInterrupt (a 50-line traceback for the user)")
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
