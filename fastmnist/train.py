@@ -365,4 +365,9 @@ def evaluate_checkpoint(path, data_dir=None, device="auto", log=print) -> dict:
     data = load_mnist(data_dir, log=log)
     loss, acc = evaluate(model, data.test_images.to(dev), data.test_labels.to(dev),
                          memory_format=torch.channels_last)
+    if not math.isfinite(loss):  # finite weights can still make NaN (a negative running variance, an overflow)
+        raise checkpoint.CheckpointError(
+            f"{path}: the model is broken: its outputs on the test set are NaN or infinite, so its accuracy "
+            f"({100 * acc:.2f}%) means nothing; retrain it (`fastmnist train`) or pass another model.pt"
+        )
     return {"test_loss": loss, "test_acc": acc, "model_kwargs": kwargs}

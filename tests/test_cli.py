@@ -179,3 +179,14 @@ def test_corrupt_gzip_data_is_one_line(untrained_model, tmp_path):
         (tmp_path / (name + ".gz")).write_bytes(bytes(blob))
     line = one_line_error(run_cli("eval", "--checkpoint", str(untrained_model), "--data-dir", str(tmp_path)))
     assert "cannot read" in line and "--data-dir" in line
+
+
+def test_eval_reports_a_model_with_nan_outputs_as_broken(untrained_model, mnist_dir, tmp_path):
+    """Finite weights that overflow: infinite logits, NaN loss, which eval once reported as ~10%."""
+    ckpt = torch.load(untrained_model, weights_only=True)
+    key = [k for k in ckpt["state_dict"] if k.endswith("weight")][-1]  # the classifier's 1x1 conv
+    ckpt["state_dict"][key].fill_(3e38)
+    path = tmp_path / "model.pt"
+    torch.save(ckpt, path)
+    line = one_line_error(run_cli("eval", "--checkpoint", str(path), "--data-dir", mnist_dir, "--device", "cpu"))
+    assert "the model is broken" in line and "NaN" in line
