@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
 from fastmnist.checkpoint import load_model
@@ -136,11 +136,11 @@ def _implied_background(gray: Image.Image, alpha: Image.Image) -> int:
     decides. Black ink on a transparent background (a drawing app's export)
     then reads as dark-on-light paper instead of as all black.
     """
-    g, a = _to_tensor(gray), _to_tensor(alpha)
-    opacity = a.sum()
+    opacity = ImageStat.Stat(alpha).sum[0]
     if opacity == 0:
         return 0  # nothing drawn: blank either way
-    return 255 if (g * a).sum() / opacity < 127.5 else 0
+    ink = ImageStat.Stat(ImageChops.multiply(gray, alpha)).sum[0] * 255  # sum of gray * alpha, in 8 bits
+    return 255 if ink / opacity < 127.5 else 0
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -44,8 +44,20 @@ def encoded(fmt, mode):
     return buffer.getvalue()
 
 
+def transparent(fmt):
+    """The stroke as ink on a transparent background (a palette with a transparent index for GIF)."""
+    buffer = io.BytesIO()
+    image = sample_image("L")
+    if fmt == "GIF":
+        image.convert("P").save(buffer, fmt, transparency=0)
+    else:
+        image.convert("LA").save(buffer, fmt)
+    return buffer.getvalue()
+
+
 SEEDS = [encoded("PNG", "L"), encoded("PNG", "RGBA"), encoded("PNG", "P"), encoded("JPEG", "L"),
-         encoded("JPEG", "RGB"), encoded("GIF", "L"), encoded("BMP", "RGB"), encoded("WEBP", "RGB")]
+         encoded("JPEG", "RGB"), encoded("GIF", "L"), encoded("BMP", "RGB"), encoded("WEBP", "RGB"),
+         transparent("PNG"), transparent("GIF")]
 
 
 class Decoder:
