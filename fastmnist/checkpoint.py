@@ -184,5 +184,6 @@ def check_finite(model: torch.nn.Module, path) -> None:
     if bad:
         raise CheckpointError(
             f"{path}: the model is broken: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
-            "infinite values, so its answers would be meaningless; retrain it (`fastmnist train`) or pass another model.pt"
+            "infinite values, so its answers would be meaningless; "
+            "retrain it (`fastmnist train`) or pass another model.pt"
         )

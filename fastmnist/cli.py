@@ -105,7 +105,8 @@ def cmd_train(args) -> int:
                 "cannot be applied (changing them mid-run would make another run); drop them, or start a new "
                 "run with --out NEW_DIR"
             )
-    out = args.resume or args.out or str(Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{given.get('seed', DEFAULTS.seed)}"))
+    seed = given.get("seed", DEFAULTS.seed)
+    out = args.resume or args.out or str(Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{seed}"))
     cfg = TrainConfig(**{**asdict(DEFAULTS), **given, "data_dir": args.data_dir, "out": out,
                          "progress": args.progress and sys.stderr.isatty()})
     train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
@@ -163,6 +164,7 @@ def one_line(exc: BaseException) -> str:
         return "interrupted (Ctrl-C)"
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return text or type(exc).__name__
+
 
 if __name__ == "__main__":
     sys.exit(main())

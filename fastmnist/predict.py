@@ -106,7 +106,8 @@ def _decode_gray(path: Path) -> torch.Tensor:
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(path, f"not a readable image (not a {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file)") from None
+        kinds = f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]}"
+        raise ImageError(path, f"not a readable image (not a {kinds} file)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(path, f"over the limit of {MAX_PIXELS // 10**6} megapixels; pass a smaller image") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line

@@ -180,7 +180,8 @@ def restore_state(state, out, model, optimizer, scheduler, aug_gen, device, epoc
     does not fit, never later with a traceback or a wrong position.
     """
     where = out / checkpoint.STATE_FILE
-    remedy = "it is damaged or was written by another fastmnist version: start a new run with --overwrite or another --out"
+    remedy = ("it is damaged or was written by another fastmnist version: "
+              "start a new run with --overwrite or another --out")
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as exc:
@@ -198,7 +199,9 @@ def restore_state(state, out, model, optimizer, scheduler, aug_gen, device, epoc
         history, epoch, step, seen = list(state["history"]), state["epoch"], state["step"], state["seen"]
         sums = state["sums"].to(device=device, dtype=torch.float64)
     except Exception as exc:  # load_state_dict and set_state raise many types for a bad state: one line
-        raise checkpoint.CheckpointError(f"{where}: its {part} cannot be restored ({_first_line(exc)[:160]}); {remedy}") from None
+        raise checkpoint.CheckpointError(
+            f"{where}: its {part} cannot be restored ({_first_line(exc)[:160]}); {remedy}"
+        ) from None
     if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, step, seen))
             and 0 <= epoch <= epochs and 0 <= step <= steps_per_epoch and len(history) == epoch and seen >= 0
             and sums.shape == (2,) and (epoch < epochs or step == 0)):
