@@ -15,7 +15,9 @@ import io
 import math
 import os
 import stat
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import torch
@@ -36,6 +38,9 @@ MAX_PIXELS = 40_000_000  # 40 megapixels, a large phone photo; bounds decoding m
 MAX_FILE_BYTES = 64 << 20  # 64 MiB: more than any 40-megapixel JPEG or PNG of a digit needs
 WORK_SIDE = 2048  # larger images are box-reduced to this before the float maths: a digit needs far less
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # Pillow opens phones' MPO files as JPEG
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # per IHDR colour type: grey, RGB, palette, grey+alpha, RGBA
+# Adam7 interlacing: each pass's first column and row and its steps across and down.
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
 class ImageError(Exception):
@@ -88,8 +93,40 @@ def _open_checked(data: bytes, path: Path) -> Image.Image:
                          "pass a smaller image of the digit")
     if width * height == 0:
         raise ImageError(path, "image has no pixels")
+    if image.format == "PNG" and not _png_rows_complete(data):
+        raise ImageError(path, "the image data ends before the last row its header promises "
+                         "(a truncated or damaged PNG)")
     image.load()  # the first frame only, for an animated GIF
     return ImageOps.exif_transpose(image)  # a photo taken sideways or upside down, turned upright
+
+
+def _png_rows_complete(data: bytes) -> bool:
+    """Whether a PNG's image data holds every row its header promises.
+
+    Pillow fills the missing rows of a deflate stream that ends early with
+    black and says nothing (libpng: "Not enough image data"), and a digit read
+    from such an image is a guess. So the bytes are counted: per row of each
+    interlace pass a filter byte plus the packed pixels, against what the IDAT
+    chunks inflate to, streamed in 1 MiB pieces and never held whole. Pillow
+    has already checked the signature and that IHDR comes first.
+    """
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = depth * PNG_CHANNELS.get(colour, 0)
+    expected = 0
+    for x0, y0, dx, dy in ADAM7 if interlace else ((0, 0, 1, 1),):
+        cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)  # ceiling division; <= 0: an empty pass
+        if cols > 0 and rows > 0:
+            expected += rows * (1 + (cols * bits + 7) // 8)
+    inflate, inflated, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data) and inflated < expected:
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IDAT":
+            piece = data[pos + 8 : pos + 8 + length]
+            while piece and inflated < expected and not inflate.eof:
+                inflated += len(inflate.decompress(piece, 1 << 20))
+                piece = inflate.unconsumed_tail
+        pos += 12 + length
+    return inflated >= expected
 
 
 def _decode_gray(path: Path) -> torch.Tensor:
