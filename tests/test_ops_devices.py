@@ -45,3 +45,11 @@ def test_same_device_still_runs_and_updates_the_statistics():
     y = ops.conv_relu_bn(**args, training=True)
     assert y.shape == (2, 4, 4, 4) and torch.isfinite(y).all()
     assert not torch.equal(args["running_mean"], before)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.timeout(60)
+def test_cpu_statistics_with_a_cuda_input_are_refused():
+    args = {k: (v.cuda() if k != "running_var" else v) for k, v in arguments().items()}
+    with pytest.raises(ValueError, match="running_var is on cpu but x is on cuda:0"):
+        ops.conv_relu_bn(**args, training=True)
