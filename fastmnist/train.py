@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -155,22 +156,22 @@ def resumed_config(state: dict, cfg: TrainConfig, out: Path) -> TrainConfig:
             f"{out / checkpoint.STATE_FILE}: its configuration has unknown settings {unknown}; it was written by "
             "another fastmnist version: start a new run with --overwrite or another --out"
         )
-    wrong = [k for k, v in saved.items() if not isinstance(v, _config_types(getattr(TrainConfig, k, None)))]
+    types = {f.name: _config_types(f.type) for f in fields(TrainConfig)}
+    wrong = [k for k, v in saved.items() if not isinstance(v, types[k])]
+    positive = ("epochs", "batch_size", "eval_batch_size", "lr")  # a zero here divides by zero later
+    wrong += [k for k in positive if k not in wrong and not saved.get(k, 1) > 0]
     if wrong:
         raise checkpoint.CheckpointError(
-            f"{out / checkpoint.STATE_FILE}: its configuration holds values of the wrong type for {sorted(wrong)}; "
-            "it is damaged: start a new run with --overwrite or another --out"
+            f"{out / checkpoint.STATE_FILE}: its configuration holds values of the wrong type or out of range for "
+            f"{sorted(wrong)}; it is damaged: start a new run with --overwrite or another --out"
         )
     return TrainConfig(**{**saved, "progress": cfg.progress, "data_dir": cfg.data_dir or saved.get("data_dir")})
 
 
-def _config_types(default) -> tuple:
-    """The types a saved setting may have, judged by its default (None: an optional path or count)."""
-    if default is None:
-        return (type(None), int, str)
-    if isinstance(default, bool):
-        return (bool,)
-    return (int, float) if isinstance(default, float) else (type(default),)
+def _config_types(annotation) -> tuple:
+    """The types a saved setting may have, from its annotation (Optional[int]: int or None; float: int too)."""
+    types = tuple(t for t in typing.get_args(annotation) or (annotation,) if isinstance(t, type))
+    return types + ((int,) if float in types else ())
 
 
 def restore_state(state, out, model, optimizer, scheduler, aug_gen, device, epochs, steps_per_epoch):

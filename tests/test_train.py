@@ -168,7 +168,9 @@ def set_in(key, value, inner=None):
 
 @pytest.mark.parametrize("damage, words", [
     (set_in("config", 1, "bogus_setting"), r"unknown settings \['bogus_setting'\]"),
-    (set_in("config", "many", "epochs"), r"wrong type for \['epochs'\]"),
+    (set_in("config", "many", "epochs"), r"wrong type or out of range for \['epochs'\]"),
+    (set_in("config", 0, "batch_size"), r"wrong type or out of range for \['batch_size'\]"),
+    (set_in("config", "all", "limit_train"), r"wrong type or out of range for \['limit_train'\]"),
     (set_in("optimizer", {"state": 5, "param_groups": "x"}), "its optimiser state cannot be restored"),
     (set_in("scheduler", 3), "its scheduler state cannot be restored"),
     (set_in("rng", {"torch": "x"}), "random number generator states cannot be restored"),
@@ -176,7 +178,7 @@ def set_in(key, value, inner=None):
     (set_in("epoch", 5), "an impossible position"),
     (set_in("history", []), "an impossible position"),
     (set_in("step", -1), "an impossible position"),
-], ids=["config_key", "config_type", "optimizer", "scheduler", "rng", "sums", "epoch", "history", "step"])
+], ids=["config_key", "config_type", "config_range", "config_limit", "optimizer", "scheduler", "rng", "sums", "epoch", "history", "step"])
 def test_a_damaged_checkpoint_is_refused_in_one_error(finished_run, mnist_dir, tmp_path, damage, words):
     out = damaged_copy(finished_run, tmp_path, damage)
     with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint.pt: .*{words}.*--overwrite"):
