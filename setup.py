@@ -175,7 +175,7 @@ class BuildExtension(cpp_ext.BuildExtension):
 
 
 setup(
-    install_requires=[torch_requirement(), "torchvision", "numpy", "tqdm"],
+    install_requires=[torch_requirement(), "torchvision", "numpy", "tqdm", "Pillow"],  # Pillow: predict decodes images with it
     ext_modules=[make_extension(use_cuda, cuda_home)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -5,6 +5,7 @@ into place, so a crash or a kill mid-write never leaves a broken file.
 """
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from fastmnist.model import build_model
 
 STATE_FILE = "checkpoint.pt"  # resumable training state, rewritten after every epoch
 RUN_FILES = (STATE_FILE, "metrics.json", "model.pt")
+# --overwrite moves the old run's files here and deletes them only once the new
+# run has written its first checkpoint; a run that fails before gets them back.
+PREVIOUS_RUN = ".previous-run"
+REPLACED_FILES = RUN_FILES + ("curves.png",)
 # v2: each block's Dropout2d lives inside its ConvReLUBN, so the Sequential's
 # indices (and state_dict keys) differ from v1's. v3: the transition (conv,
 # ReLU, pool) and the head (conv, pool) are one ConvPool each: indices moved again.
@@ -53,8 +58,14 @@ def write_json_atomic(path, obj) -> None:
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Create out; refuse one that holds a run unless overwrite; fail early if unwritable."""
+    """Create out; refuse one that holds a run unless overwrite; fail early if unwritable.
+
+    With overwrite, the old run is moved aside, not deleted: save_training_state
+    deletes it once the new run has a checkpoint, restore_previous_run puts it
+    back if the new run fails before that.
+    """
     out = Path(out)
+    restore_previous_run(out)  # left aside by a replacing run that was killed before its first checkpoint
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not overwrite:
         raise RunExistsError(
@@ -65,10 +76,24 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
+        if existing:
+            (out / PREVIOUS_RUN).mkdir(exist_ok=True)
+            for name in REPLACED_FILES:
+                if (out / name).exists():
+                    os.replace(out / name, out / PREVIOUS_RUN / name)
     except OSError as exc:
         raise RunExistsError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-    for name in existing:
-        (out / name).unlink()
+
+
+def restore_previous_run(out: Path) -> None:
+    """Put back the run that --overwrite moved aside, where no new file has replaced it."""
+    aside = Path(out) / PREVIOUS_RUN
+    if not aside.is_dir():
+        return
+    for path in aside.iterdir():
+        if not (Path(out) / path.name).exists():
+            os.replace(path, Path(out) / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def get_rng_states(aug_gen: torch.Generator, device: torch.device) -> dict:
@@ -87,23 +112,37 @@ def set_rng_states(states: dict, aug_gen: torch.Generator, device: torch.device)
 
 def save_training_state(out: Path, state: dict) -> None:
     torch_save_atomic(state, Path(out) / STATE_FILE)
+    # The new run now has a checkpoint of its own: the run it replaces can go.
+    shutil.rmtree(Path(out) / PREVIOUS_RUN, ignore_errors=True)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _load(path: Path, what: str, remedy: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such {what}; {remedy}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: an empty file (0 bytes), not a {what}; {remedy}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file: report one line
-        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); {remedy}") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({_first_line(exc)}); {remedy}") from None
 
 
 def load_training_state(out: Path) -> dict:
-    state = _load(Path(out) / STATE_FILE, "training checkpoint",
-                  "--resume needs the folder of a run started by `fastmnist train --out DIR`")
+    out = Path(out)
+    state = _load(out / STATE_FILE, "training checkpoint",
+                  f"a run writes it at the end of each epoch and on Ctrl-C, so one killed during its first epoch "
+                  f"leaves nothing to resume: start it anew with `fastmnist train --out {out} --overwrite` "
+                  "(--resume needs the folder of a run started by `fastmnist train --out DIR`)")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{out / STATE_FILE}: not a fastmnist training checkpoint (not a dict)")
     missing = {"config", "model", "optimizer", "scheduler", "rng", "history", "epoch", "step", "sums", "seen"} - set(state)
     if missing:
-        raise CheckpointError(f"{Path(out) / STATE_FILE}: not a fastmnist training checkpoint (missing {sorted(missing)})")
+        raise CheckpointError(f"{out / STATE_FILE}: not a fastmnist training checkpoint (missing {sorted(missing)})")
     return state
 
 
@@ -122,15 +161,30 @@ def load_model(path, device="cpu"):
             f"{path}: saved in format {ckpt.get('format')!r}, but this fastmnist reads {MODEL_FORMAT!r}; "
             "retrain with this version (`fastmnist train`)"
         )
+    if not isinstance(ckpt["model_kwargs"], dict) or not all(isinstance(k, str) for k in ckpt["model_kwargs"]):
+        raise CheckpointError(f"{path}: model_kwargs is a {type(ckpt['model_kwargs']).__name__}, not a dict of "
+                              "build_model arguments; pass the model.pt that `fastmnist train` wrote")
     kwargs = dict(ckpt["model_kwargs"])
     # The weights are the same for both impls: use our kernels where this install has them for the device.
     kwargs["impl"] = "fused" if ops.fused_supports(torch.device(device).type) else "stock"
     try:
         model = build_model(**kwargs)
         model.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, ValueError, TypeError) as exc:
+    except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise CheckpointError(
-            f"{path}: does not fit the model it names ({str(exc).splitlines()[0][:200]}); "
+            f"{path}: does not fit the model it names ({_first_line(exc)}); "
             "was it saved by another version or for another model?"
         ) from None
+    check_finite(model, path)
     return model.to(device, memory_format=torch.channels_last).eval(), ckpt["model_kwargs"]
+
+
+def check_finite(model: torch.nn.Module, path) -> None:
+    """Refuse a model with NaN or infinite weights: every answer it gave would be meaningless."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path}: the model is broken: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
+            "infinite values, so its answers would be meaningless; "
+            "retrain it (`fastmnist train`) or pass another model.pt"
+        )

@@ -4,6 +4,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from fastmnist.train import TrainConfig
@@ -39,26 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the network. Writes metrics.json, model.pt, curves.png and a "
                        "resumable checkpoint.pt (after every epoch) to --out. Ctrl-C saves and prints "
                        "the command that resumes.")
-    t.add_argument("--epochs", type=_number(int, 1, 1000), default=DEFAULTS.epochs,
-                   help="passes over the 60,000 training images (default %(default)s)")
-    t.add_argument("--batch-size", type=_number(int, 2, 60000), default=DEFAULTS.batch_size,
-                   help="images per SGD step (default %(default)s)")
-    t.add_argument("--lr", type=_number(float, 0.0, 100.0, low_open=True), default=DEFAULTS.lr,
-                   help="peak learning rate of the one-cycle schedule (default %(default)s)")
-    t.add_argument("--weight-decay", type=_number(float, 0.0, 1.0), default=DEFAULTS.weight_decay,
-                   help="SGD weight decay (default %(default)s)")
-    t.add_argument("--dropout", type=_number(float, 0.0, 0.99), default=DEFAULTS.dropout,
-                   help="Dropout2d probability after each conv block (default %(default)s)")
-    t.add_argument("--no-augment", dest="augment", action="store_false",
+    t.add_argument("--epochs", type=_number(int, 1, 1000), default=None,
+                   help=f"passes over the 60,000 training images (default {DEFAULTS.epochs})")
+    t.add_argument("--batch-size", type=_number(int, 2, 60000), default=None,
+                   help=f"images per SGD step (default {DEFAULTS.batch_size})")
+    t.add_argument("--lr", type=_number(float, 0.0, 100.0, low_open=True), default=None,
+                   help=f"peak learning rate of the one-cycle schedule (default {DEFAULTS.lr})")
+    t.add_argument("--weight-decay", type=_number(float, 0.0, 1.0), default=None,
+                   help=f"SGD weight decay (default {DEFAULTS.weight_decay})")
+    t.add_argument("--dropout", type=_number(float, 0.0, 0.99), default=None,
+                   help=f"Dropout2d probability after each conv block (default {DEFAULTS.dropout})")
+    t.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="turn off the random rotation/scale/shift of training images")
-    t.add_argument("--seed", type=_number(int, 0, 2**31 - 1), default=DEFAULTS.seed,
-                   help="random seed; same seed, device and impl give the same run on the CPU (default %(default)s)")
-    t.add_argument("--model", choices=["default", "reference"], default=DEFAULTS.model,
+    t.add_argument("--seed", type=_number(int, 0, 2**31 - 1), default=None,
+                   help=f"random seed; same seed, device and impl give the same run on the CPU (default {DEFAULTS.seed})")
+    t.add_argument("--model", choices=["default", "reference"],
                    help="default: 18,458 parameters (blocks 2 and 4 widened to 24 channels); "
-                   "reference: SPEC.md's 12,650-parameter network (default %(default)s)")
-    t.add_argument("--impl", choices=["auto", "fused", "stock"], default="auto",
+                   f"reference: SPEC.md's 12,650-parameter network (default {DEFAULTS.model})")
+    t.add_argument("--impl", choices=["auto", "fused", "stock"],
                    help="fused: our Conv+ReLU+BN operator; stock: torch.nn layers; auto: fused where built (default)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"],
                    help="where to train; auto picks cuda when a GPU is visible (default)")
     t.add_argument("--data-dir", help="folder with the four MNIST IDX files (raw or .gz); else $FASTMNIST_DATA, "
                    "else ~/.cache/fastmnist/mnist, fetched there when missing")
@@ -84,18 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The train flags that set TrainConfig fields: their parser default is None, so that
+# cmd_train knows which the user gave (a resumed run keeps its saved settings).
+RUN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "dropout", "augment", "seed", "model", "impl",
+                "device", "limit_train", "limit_test")
+
+
 def cmd_train(args) -> int:
     from fastmnist.train import train
 
-    if args.resume and args.out and Path(args.out) != Path(args.resume):
-        raise ValueError("--resume DIR continues the run in DIR; do not also pass a different --out")
-    out = args.resume or args.out or str(Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{args.seed}"))
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, model=args.model, weight_decay=args.weight_decay,
-        dropout=args.dropout, augment=args.augment, seed=args.seed, impl=args.impl, device=args.device,
-        data_dir=args.data_dir, out=out, limit_train=args.limit_train, limit_test=args.limit_test,
-        progress=args.progress and sys.stderr.isatty(),
-    )
+    given = {name: getattr(args, name) for name in RUN_SETTINGS if getattr(args, name) is not None}
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ValueError("--resume DIR continues the run in DIR; do not also pass a different --out")
+        refused = [f"--{name.replace('_', '-')}" for name in given] + (["--overwrite"] if args.overwrite else [])
+        if refused:
+            raise ValueError(
+                f"--resume {args.resume} continues that run with its saved settings, so {', '.join(refused)} "
+                "cannot be applied (changing them mid-run would make another run); drop them, or start a new "
+                "run with --out NEW_DIR"
+            )
+    seed = given.get("seed", DEFAULTS.seed)
+    out = args.resume or args.out or str(Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{seed}"))
+    cfg = TrainConfig(**{**asdict(DEFAULTS), **given, "data_dir": args.data_dir, "out": out,
+                         "progress": args.progress and sys.stderr.isatty()})
     train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
 
@@ -113,7 +126,7 @@ def cmd_predict(args) -> int:
 
     results = predict_files(args.checkpoint, args.images, device=args.device)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2, allow_nan=False))  # predict_files never gives NaN: valid JSON
     else:
         for r in results:
             if "error" in r:
@@ -138,12 +151,19 @@ def main(argv=None) -> int:
     except NonFiniteLoss as exc:
         print(f"fastmnist: error: {exc}", file=sys.stderr)
         return 1
-    except (MNISTDataError, CheckpointError, RunExistsError, ValueError, RuntimeError) as exc:
+    except (MNISTDataError, CheckpointError, RunExistsError, ValueError, RuntimeError, KeyboardInterrupt) as exc:
         if args.debug:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"fastmnist: error: {first}", file=sys.stderr)
+        print(f"fastmnist: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The whole message on one line (its remedy often comes after the first line)."""
+    if isinstance(exc, KeyboardInterrupt) and not str(exc):
+        return "interrupted (Ctrl-C)"
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

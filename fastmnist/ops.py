@@ -113,6 +113,8 @@ def conv_relu_bn(
     image and channel: dropout2d_scale() makes the one Dropout2d would apply.
     """
     require_fused()
+    _check_same_device("conv_relu_bn", x, weight=weight, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
+                       running_mean=running_mean, running_var=running_var, channel_scale=channel_scale)
     if channel_scale is not None and channel_scale.requires_grad:
         raise ValueError("channel_scale must be a constant (a dropout mask); it gets no gradient. Pass it detached.")
     y, _, mean, var = torch.ops.fastmnist.conv_relu_bn(
@@ -123,6 +125,15 @@ def conv_relu_bn(
     return y
 
 
+def _check_same_device(op: str, x: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Refuse a tensor on another device than x: the op would otherwise read memory that holds
+    nothing (a meta tensor has no storage) and write it into the running statistics."""
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; "
+                             "move the module and its input to one device (module.to(device))")
+
+
 def conv_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, pool: int, relu: bool = True, padding: int = 0) -> Tensor:
     """AvgPool2d(pool)(ReLU(Conv2d(x))) (the ReLU only when relu) with the fused kernels; differentiable.
 
@@ -130,6 +141,7 @@ def conv_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, pool: int, relu: boo
     global average pooling) are each one call.
     """
     require_fused()
+    _check_same_device("conv_relu_pool", x, weight=weight, bias=bias)
     out, _ = torch.ops.fastmnist.conv_relu_pool(x, weight, bias, relu, padding, pool)
     return out
 

@@ -4,15 +4,26 @@ MNIST's digits were made so (LeCun et al.): the digit is cropped to its
 bounding box, scaled with anti-aliasing to fit a 20x20 box keeping its aspect
 ratio, and placed in a 28x28 field so that its centre of mass lands on the
 centre, pixel (14, 14); the ink is bright on a black background. load_digit
-does the same to any PNG or JPEG, light-on-dark or dark-on-light.
+does the same to any PNG, JPEG, GIF, BMP or WebP, light-on-dark or dark-on-light.
+
+The files may be a stranger's, so they are treated as hostile: only regular
+files of at most MAX_FILE_BYTES are read, the pixel count is checked from the
+header before anything is decoded, and Pillow decodes (it validates what it
+reads: a truncated image is an error, never a crash).
 """
-import re
+import io
+import math
+import os
+import stat
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2.functional import resize, to_dtype
+from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
+from torchvision.transforms.v2.functional import resize
 
 from fastmnist.checkpoint import load_model
 from fastmnist.train import resolve_device
@@ -23,6 +34,14 @@ CENTRE = 14.0  # MNIST's mean centre of mass, in pixel indices, is (14.00, 14.00
 MIN_CONTRAST = 0.05  # ink less than 5% brighter than the background is not a digit
 INK_FRACTION = 0.1  # pixels above this fraction of the brightest one bound the digit
 
+MAX_PIXELS = 40_000_000  # 40 megapixels, a large phone photo; bounds decoding memory (~200 MB at most)
+MAX_FILE_BYTES = 64 << 20  # 64 MiB: more than any 40-megapixel JPEG or PNG of a digit needs
+WORK_SIDE = 2048  # larger images are box-reduced to this before the float maths: a digit needs far less
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # Pillow opens phones' MPO files as JPEG
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # per IHDR colour type: grey, RGB, palette, grey+alpha, RGBA
+# Adam7 interlacing: each pass's first column and row and its steps across and down.
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
 
 class ImageError(Exception):
     """An image that cannot be read, decoded, or holds no digit; the message names the file."""
@@ -31,30 +50,147 @@ class ImageError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason
 
+    def __reduce__(self):  # picklable, so a decoding worker process can send it back
+        return type(self), (self.path, self.reason)
 
-def _decode_gray(path: Path) -> torch.Tensor:
-    """(H, W) float in [0, 1] from an image file, via torchvision's decoders."""
+
+def _read_regular_file(path: Path) -> bytes:
+    """The file's bytes; only a regular file of at most MAX_FILE_BYTES.
+
+    O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
+    forever; the type is checked on the open descriptor, so a file swapped
+    after a check cannot slip through. /dev/zero and folders are refused.
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ImageError(path, f"cannot read ({exc.strerror or exc})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ImageError(path, "cannot read: not a regular file (a folder, device or pipe); pass an image file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(path, f"{info.st_size:,} bytes, over the limit of {MAX_FILE_BYTES:,} bytes for an image; "
+                             "pass a smaller image of the digit")
+        try:
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows while we read
+        except OSError as exc:
+            raise ImageError(path, f"cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(path, f"over the limit of {MAX_FILE_BYTES:,} bytes for an image; pass a smaller image")
     if not data:
         raise ImageError(path, "empty file")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)
-    except RuntimeError as exc:
-        raise ImageError(path, f"not a readable image ({_first_sentence(exc)})") from None
-    if image.ndim == 4:  # an animated GIF: its first frame
-        image = image[0]
-    if image.numel() == 0:
+    return data
+
+
+def _open_checked(data: bytes, path: Path) -> Image.Image:
+    """The decoded, upright image; its pixel count checked from the header before decoding."""
+    image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(path, f"{width}x{height} pixels, over the limit of {MAX_PIXELS // 10**6} megapixels; "
+                         "pass a smaller image of the digit")
+    if width * height == 0:
         raise ImageError(path, "image has no pixels")
-    return to_dtype(image[0], torch.float32, scale=True)  # 16-bit PNGs decode to uint16
+    if image.format == "PNG" and not _png_rows_complete(data):
+        raise ImageError(path, "the image data ends before the last row its header promises "
+                         "(a truncated or damaged PNG)")
+    image.load()  # the first frame only, for an animated GIF
+    return ImageOps.exif_transpose(image)  # a photo taken sideways or upside down, turned upright
 
 
-def _first_sentence(exc: Exception) -> str:
-    # torchvision prefixes its messages with "function, source.cpp:line, ": keep what follows.
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return re.sub(r"^\w+, \S+:\d+, ", "", text).split(". ")[0][:200]
+def _png_rows_complete(data: bytes) -> bool:
+    """Whether a PNG's image data holds every row its header promises.
+
+    Pillow fills the missing rows of a deflate stream that ends early with
+    black and says nothing (libpng: "Not enough image data"), and a digit read
+    from such an image is a guess. So the bytes are counted: per row of each
+    interlace pass a filter byte plus the packed pixels, against what the IDAT
+    chunks inflate to, streamed in 1 MiB pieces and never held whole. Pillow
+    has already checked the signature and that IHDR comes first.
+    """
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits = depth * PNG_CHANNELS.get(colour, 0)
+    expected = 0
+    for x0, y0, dx, dy in ADAM7 if interlace else ((0, 0, 1, 1),):
+        cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)  # ceiling division; <= 0: an empty pass
+        if cols > 0 and rows > 0:
+            expected += rows * (1 + (cols * bits + 7) // 8)
+    inflate, inflated, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data) and inflated < expected:
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IDAT":
+            piece = data[pos + 8 : pos + 8 + length]
+            while piece and inflated < expected and not inflate.eof:
+                inflated += len(inflate.decompress(piece, 1 << 20))
+                piece = inflate.unconsumed_tail
+        pos += 12 + length
+    return inflated >= expected
+
+
+def _decode_gray(path: Path) -> torch.Tensor:
+    """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced."""
+    data = _read_regular_file(path)
+    try:
+        with warnings.catch_warnings():  # Pillow's own bomb guard, a second line behind MAX_PIXELS
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _open_checked(data, path)
+            gray, scale = _flatten(image)
+            factor = math.ceil(max(gray.size) / WORK_SIDE)
+            if factor > 1:
+                gray = gray.reduce(factor)  # box filter: the antialiasing a shrink needs
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        kinds = f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]}"
+        raise ImageError(path, f"not a readable image (not a {kinds} file)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(path, f"over the limit of {MAX_PIXELS // 10**6} megapixels; pass a smaller image") from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line
+        raise ImageError(path, f"not a readable image ({_first_line(exc)})") from None
+    return _to_tensor(gray) / scale
+
+
+def _flatten(image: Image.Image):
+    """(single-channel "L" or "F" image, full-scale value): transparency composited onto its background."""
+    if image.mode.startswith("I"):  # 16-bit grey PNG: "L" would clip it, "F" keeps every level
+        return image.convert("F"), 65535.0
+    if image.mode == "F":
+        return image, 1.0
+    if not (image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info):
+        return image.convert("L"), 255.0
+    rgba = image.convert("RGBA")
+    gray, alpha = rgba.convert("L"), rgba.getchannel("A")
+    background = Image.new("L", image.size, _implied_background(gray, alpha))
+    background.paste(gray, mask=alpha)  # gray * alpha + background * (1 - alpha)
+    return background, 255.0
+
+
+def _implied_background(gray: Image.Image, alpha: Image.Image) -> int:
+    """White under dark ink, black under light ink: a transparent background is meant to contrast.
+
+    The ink is what is opaque; its mean brightness, weighted by opacity,
+    decides. Black ink on a transparent background (a drawing app's export)
+    then reads as dark-on-light paper instead of as all black.
+    """
+    opacity = ImageStat.Stat(alpha).sum[0]
+    if opacity == 0:
+        return 0  # nothing drawn: blank either way
+    ink = ImageStat.Stat(ImageChops.multiply(gray, alpha)).sum[0] * 255  # sum of gray * alpha, in 8 bits
+    return 255 if ink / opacity < 127.5 else 0
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """An "L" or "F" Pillow image as an (H, W) float32 tensor of its raw values."""
+    dtype = torch.float32 if image.mode == "F" else torch.uint8
+    width, height = image.size
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=dtype).reshape(height, width).float()
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _border(image: torch.Tensor) -> torch.Tensor:
@@ -115,7 +251,8 @@ def load_digit(path) -> torch.Tensor:
 def predict_files(checkpoint_path, image_paths, device="auto") -> list:
     """Per file, {"file", "digit", "probability"} or {"file", "error"}, in the given order.
 
-    A bad checkpoint raises CheckpointError; a bad image only fails its own entry.
+    A bad checkpoint (or one whose weights are not finite) raises CheckpointError;
+    a bad image only fails its own entry, whatever the decoder raised.
     """
     device = resolve_device(device)
     model, _ = load_model(checkpoint_path, device)
@@ -126,11 +263,17 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
             results.append({"file": str(name)})
         except ImageError as exc:
             results.append({"file": str(name), "error": exc.reason})  # the caller prints the file
+        except Exception as exc:  # a decoder's bug or MemoryError costs this file its answer, not the others
+            results.append({"file": str(name), "error": f"could not be processed ({_first_line(exc)})"})
     if digits:
         x = torch.stack(digits).to(device).contiguous(memory_format=torch.channels_last)
         probs = F.softmax(model(x).float(), dim=1).cpu()
         p, digit = probs.max(1)
+        finite = torch.isfinite(probs).all(1)
         ok = (r for r in results if "error" not in r)
-        for r, d, q in zip(ok, digit.tolist(), p.tolist()):
-            r.update(digit=d, probability=q)
+        for r, d, q, good in zip(ok, digit.tolist(), p.tolist(), finite.tolist()):
+            if good:
+                r.update(digit=d, probability=q)
+            else:  # never a NaN "answer" (nor invalid JSON): say that the model failed on it
+                r["error"] = "the model's output is not finite (NaN or infinite) for this image"
     return results

@@ -12,7 +12,8 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -50,6 +51,10 @@ class TrainConfig:
 
 class TrainingStopped(Exception):
     """Raised when a signal stopped training; the run was saved and can be resumed."""
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: stopped at once, without saving; a KeyboardInterrupt, so cleanup still runs."""
 
 
 class NonFiniteLoss(Exception):
@@ -99,10 +104,15 @@ def evaluate(model, images_u8, labels, batch_size=1000, memory_format=torch.cont
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks at each step boundary."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks at each step boundary.
 
-    def __init__(self):
+    A second signal stops at once, without saving: it raises TrainingAborted,
+    whose message (say where the last checkpoint is) the caller gives.
+    """
+
+    def __init__(self, second_signal_message: str = "stopped at once, without saving"):
         self.signal = None
+        self.second_signal_message = second_signal_message
         self._previous = {}
 
     def __enter__(self):
@@ -112,7 +122,7 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
+            raise TrainingAborted(f"{signal.Signals(signum).name} again: {self.second_signal_message}")
         self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -124,11 +134,91 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     """Train per cfg, writing checkpoints and metrics to cfg.out; returns the metrics."""
     out = Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{cfg.seed}"))
     if resume:
+        checkpoint.restore_previous_run(out)  # an --overwrite killed before its first checkpoint: resume the old run
         state = checkpoint.load_training_state(out)
-        cfg = TrainConfig(**{**state["config"], "progress": cfg.progress, "data_dir": cfg.data_dir or state["config"]["data_dir"]})
-    else:
-        checkpoint.prepare_out_dir(out, overwrite=overwrite)
-        state = None
+        cfg = resumed_config(state, cfg, out)
+        return _train(cfg, out, state, log)
+    checkpoint.prepare_out_dir(out, overwrite=overwrite)  # an old run is moved aside, not deleted
+    try:
+        return _train(cfg, out, None, log)
+    except BaseException:
+        checkpoint.restore_previous_run(out)  # nothing to restore once the new run has saved a checkpoint
+        raise
+
+
+def resumed_config(state: dict, cfg: TrainConfig, out: Path) -> TrainConfig:
+    """The saved run's configuration, with what a resume may change (data_dir, progress) from cfg."""
+    saved = state["config"]
+    known = {f.name for f in fields(TrainConfig)}
+    if not isinstance(saved, dict) or not set(saved) <= known:
+        unknown = sorted(set(saved) - known) if isinstance(saved, dict) else type(saved).__name__
+        raise checkpoint.CheckpointError(
+            f"{out / checkpoint.STATE_FILE}: its configuration has unknown settings {unknown}; it was written by "
+            "another fastmnist version: start a new run with --overwrite or another --out"
+        )
+    types = {f.name: _config_types(f.type) for f in fields(TrainConfig)}
+    wrong = [k for k, v in saved.items() if not isinstance(v, types[k])]
+    positive = ("epochs", "batch_size", "eval_batch_size", "lr")  # a zero here divides by zero later
+    wrong += [k for k in positive if k not in wrong and not saved.get(k, 1) > 0]
+    if wrong:
+        raise checkpoint.CheckpointError(
+            f"{out / checkpoint.STATE_FILE}: its configuration holds values of the wrong type or out of range for "
+            f"{sorted(wrong)}; it is damaged: start a new run with --overwrite or another --out"
+        )
+    return TrainConfig(**{**saved, "progress": cfg.progress, "data_dir": cfg.data_dir or saved.get("data_dir")})
+
+
+def _config_types(annotation) -> tuple:
+    """The types a saved setting may have, from its annotation (Optional[int]: int or None; float: int too)."""
+    types = tuple(t for t in typing.get_args(annotation) or (annotation,) if isinstance(t, type))
+    return types + ((int,) if float in types else ())
+
+
+def restore_state(state, out, model, optimizer, scheduler, aug_gen, device, epochs, steps_per_epoch):
+    """(history, epoch, step, sums, seen) from a checkpoint, into the freshly built objects.
+
+    A damaged or foreign checkpoint fails here in one line naming the part that
+    does not fit, never later with a traceback or a wrong position.
+    """
+    where = out / checkpoint.STATE_FILE
+    remedy = ("it is damaged or was written by another fastmnist version: "
+              "start a new run with --overwrite or another --out")
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise checkpoint.CheckpointError(
+            f"{where}: its weights do not fit this version's network ({_first_line(exc)[:160]}); {remedy}"
+        ) from None
+    part = "optimiser state"
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        part = "scheduler state"
+        scheduler.load_state_dict(state["scheduler"])
+        part = "random number generator states"
+        checkpoint.set_rng_states(state["rng"], aug_gen, device)
+        part = "position"
+        history, epoch, step, seen = list(state["history"]), state["epoch"], state["step"], state["seen"]
+        sums = state["sums"].to(device=device, dtype=torch.float64)
+    except Exception as exc:  # load_state_dict and set_state raise many types for a bad state: one line
+        raise checkpoint.CheckpointError(
+            f"{where}: its {part} cannot be restored ({_first_line(exc)[:160]}); {remedy}"
+        ) from None
+    if not (all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, step, seen))
+            and 0 <= epoch <= epochs and 0 <= step <= steps_per_epoch and len(history) == epoch and seen >= 0
+            and sums.shape == (2,) and (epoch < epochs or step == 0)):
+        raise checkpoint.CheckpointError(
+            f"{where}: an impossible position (epoch {epoch!r}, step {step!r}, {len(history)} epochs of history, "
+            f"for {epochs} epochs of {steps_per_epoch} steps); {remedy}"
+        )
+    return history, epoch, step, sums, seen
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _train(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last  # our kernels and oneDNN both prefer NHWC
@@ -154,19 +244,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
     sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: on the device, no sync
     seen = 0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise checkpoint.CheckpointError(
-                f"{out / checkpoint.STATE_FILE}: its weights do not fit this version's {cfg.model!r} network "
-                f"({str(exc).splitlines()[0][:160]}); it was written by another fastmnist version: "
-                "start a new run with --overwrite or another --out"
-            ) from None
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_states(state["rng"], aug_gen, device)
-        history, epoch, step = state["history"], state["epoch"], state["step"]
-        sums, seen = state["sums"].to(device), state["seen"]
+        history, epoch, step, sums, seen = restore_state(
+            state, out, model, optimizer, scheduler, aug_gen, device, cfg.epochs, steps_per_epoch)
         log(f"fastmnist: resuming {out} at epoch {epoch + 1}, step {step}/{steps_per_epoch}")
 
     n_params = count_parameters(model)
@@ -180,7 +259,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=p
             "history": history, "epoch": epoch, "step": step, "sums": sums.cpu(), "seen": seen, "kind": kind,
         })
 
-    with StopFlag() as stop:
+    with StopFlag(f"stopped at once, without saving; the last checkpoint in {out}, if any, is kept "
+                  f"(resume it with: fastmnist train --resume {out})") as stop:
         while epoch < cfg.epochs:
             model.train()
             perm = epoch_permutation(cfg.seed, epoch, len(train_y)).to(device)
@@ -289,4 +369,9 @@ def evaluate_checkpoint(path, data_dir=None, device="auto", log=print) -> dict:
     data = load_mnist(data_dir, log=log)
     loss, acc = evaluate(model, data.test_images.to(dev), data.test_labels.to(dev),
                          memory_format=torch.channels_last)
+    if not math.isfinite(loss):  # finite weights can still make NaN (a negative running variance, an overflow)
+        raise checkpoint.CheckpointError(
+            f"{path}: the model is broken: its outputs on the test set are NaN or infinite, so its accuracy "
+            f"({100 * acc:.2f}%) means nothing; retrain it (`fastmnist train`) or pass another model.pt"
+        )
     return {"test_loss": loss, "test_acc": acc, "model_kwargs": kwargs}

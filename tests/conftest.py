@@ -54,3 +54,16 @@ def mnist_dir():
     except Exception as exc:  # no network and no copy: those tests cannot run here
         pytest.skip(f"real MNIST unavailable: {exc}")
     return str(candidate_dirs(None)[-1])
+
+
+@pytest.fixture(scope="session")
+def untrained_model(tmp_path_factory):
+    """A model.pt with random weights: enough for tests about files and errors, not accuracy (no training)."""
+    from fastmnist.checkpoint import save_model
+    from fastmnist.model import build_model
+
+    kwargs = {"name": "default", "impl": "stock", "dropout": 0.0}
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    save_model(path, build_model(**kwargs), kwargs)
+    return path

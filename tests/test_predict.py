@@ -151,3 +151,218 @@ def test_cli_predict_missing_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastmnist: error: ") and "nope.pt" in lines[0]
+
+
+# Hostile and broken files: each gets its own error line, nothing crashes, blocks or exhausts memory.
+
+def seven(height=120, width=100):
+    """A synthetic 7 (bright ink on black, float in [0, 1]): asymmetric, so a wrong rotation shows."""
+    ink = torch.zeros(height, width)
+    ink[20:32, 20:80] = 1.0  # the bar
+    for row in range(32, 100):  # the stem, down and to the left
+        col = 80 - (row - 32) * 40 // 68
+        ink[row, col - 6 : col + 6] = 1.0
+    return ink
+
+
+def save_gray(ink, path, light=True, **pillow_kw):
+    """ink in [0, 1] as dark-on-light (or light-on-dark) 8-bit grey, written by Pillow."""
+    from PIL import Image
+
+    values = (235 - 200 * ink) if light else (20 + 200 * ink)
+    Image.fromarray(values.round().to(torch.uint8).numpy(), "L").save(path, **pillow_kw)
+    return str(path)
+
+
+def png_bytes(width, height, rows, depth=8, color=0):
+    """A PNG whose IHDR says width x height but whose data holds only `rows` rows (CRCs valid)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = b"".join(b"\x00" + bytes([200]) * width for _ in range(rows))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.timeout(120)
+def test_a_png_with_fewer_rows_than_its_header_crashes_nothing(untrained_model, tmp_path):
+    """torchvision's PNG decoder died with SIGSEGV on this 72-byte file, taking every answer with it."""
+    good0, good1 = save_gray(seven(), tmp_path / "a.png"), save_gray(seven(130, 140), tmp_path / "b.png")
+    short = tmp_path / "short.png"
+    short.write_bytes(png_bytes(64, 64, rows=2))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bytes(30000, 30000, rows=1))
+    result = run_cli("predict", "--checkpoint", str(untrained_model), "--json", "--device", "cpu",
+                     good0, str(short), str(bomb), good1, timeout=100)
+    assert result.returncode in (0, 1), (result.returncode, result.stderr)  # not killed by a signal
+    results = json.loads(result.stdout)
+    assert [r["file"] for r in results] == [good0, str(short), str(bomb), good1]
+    assert "digit" in results[0] and "digit" in results[3]
+    assert "ends before the last row" in results[1]["error"]
+    assert "40 megapixels" in results[2]["error"]
+
+
+def adam7_png(pixels, interlace, cut=0):
+    """An 8-bit grey PNG of pixels, Adam7-interlaced or not, its inflated data cut short by `cut` bytes."""
+    import struct
+    import zlib
+
+    from fastmnist.predict import ADAM7
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = b"".join(b"\x00" + bytes(row.tolist()) for x0, y0, dx, dy in (ADAM7 if interlace else ((0, 0, 1, 1),))
+                   for row in pixels[y0::dy, x0::dx] if row.numel())
+    height, width = pixels.shape
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, interlace))
+            + chunk(b"IDAT", zlib.compress(raw[: len(raw) - cut])) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("interlace", [0, 1], ids=["plain", "adam7"])
+@pytest.mark.parametrize("height, width", [(120, 100), (13, 29), (3, 5)])
+def test_a_png_missing_its_last_bytes_is_an_error_not_a_guess(tmp_path, interlace, height, width):
+    """Pillow fills rows a short deflate stream lacks with black: the digit read from it would be a guess."""
+    pixels = (235 - 200 * F.interpolate(seven()[None, None], size=(height, width))[0, 0]).round().to(torch.uint8)
+    whole, cut = tmp_path / "whole.png", tmp_path / "cut.png"
+    whole.write_bytes(adam7_png(pixels, interlace))
+    cut.write_bytes(adam7_png(pixels, interlace, cut=1))
+    try:
+        load_digit(whole)  # complete: a digit, or (for the tiniest) no digit, but never "ends before"
+    except ImageError as exc:
+        assert "ends before" not in exc.reason
+    with pytest.raises(ImageError, match="the image data ends before the last row its header promises"):
+        load_digit(cut)
+
+
+@pytest.mark.parametrize("side, words", [(7000, "7000x7000 pixels, over the limit of 40 megapixels"),
+                                         (30000, "over the limit of 40 megapixels")])  # Pillow's guard sees it first
+def test_the_pixel_count_is_checked_from_the_header_before_decoding(tmp_path, side, words):
+    """In a subprocess: the decoder this replaced crashed on such a file. Decoding it whole fails the test."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bytes(side, side, rows=1))  # 49 or 900 megapixels in 80 bytes
+    code = ("import sys; from PIL import ImageFile; from fastmnist.predict import ImageError, load_digit\n"
+            "ImageFile.ImageFile.load = lambda self: sys.exit('decoded the whole image')\n"
+            "try:\n    load_digit(sys.argv[1])\nexcept ImageError as exc:\n    print(exc.reason)\n")
+    result = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": __import__("os").pathsep.join(sys.path)})
+    assert result.returncode == 0 and words in result.stdout, (result.returncode, result.stdout, result.stderr)
+
+
+def test_a_file_over_the_size_limit_is_not_read(tmp_path, monkeypatch):
+    import fastmnist.predict as predict
+
+    path = save_gray(seven(), tmp_path / "seven.png")
+    monkeypatch.setattr(predict, "MAX_FILE_BYTES", 100)
+    with pytest.raises(ImageError, match=r"bytes, over the limit of 100 bytes"):
+        load_digit(path)
+
+
+@pytest.mark.timeout(30)
+def test_only_regular_files_are_read(tmp_path):
+    """A FIFO blocked forever and /dev/zero exhausted memory: both are refused without reading."""
+    fifo = tmp_path / "image.png"
+    __import__("os").mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero"), tmp_path):
+        with pytest.raises(ImageError, match="not a regular file"):
+            load_digit(path)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """An upright 7 photographed upside down (EXIF orientation 3) is read as the upright 7."""
+    from PIL import Image
+
+    upright = load_digit(save_gray(seven(), tmp_path / "upright.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: rotate 180 to view
+    stored = save_gray(seven().flip(0, 1), tmp_path / "photo.jpg", exif=exif, quality=95)
+    photo = load_digit(stored)
+    assert correlation(photo, upright) > 0.9
+    assert correlation(photo, upright.flip(1, 2)) < correlation(photo, upright)
+
+
+@pytest.mark.parametrize("ink_value", [0, 255], ids=["black_ink", "white_ink"])
+def test_transparency_is_composited_onto_the_background_it_implies(tmp_path, ink_value):
+    """Ink drawn on a transparent background (a drawing app's export) is a digit, not a blank image."""
+    from PIL import Image
+
+    ink = seven()
+    rgba = torch.zeros(*ink.shape, 4, dtype=torch.uint8)  # transparent black everywhere...
+    rgba[..., :3] = ink_value
+    rgba[..., 3] = (ink * 255).to(torch.uint8)  # ...except the ink, opaque
+    path = tmp_path / "drawing.png"
+    Image.fromarray(rgba.numpy(), "RGBA").save(path)
+    opaque = load_digit(save_gray(ink, tmp_path / "paper.png", light=ink_value == 0))
+    assert correlation(load_digit(path), opaque) > 0.99
+
+
+def test_16_bit_greyscale_keeps_its_levels(tmp_path):
+    from PIL import Image
+
+    ink = seven()
+    path = tmp_path / "deep.png"
+    Image.fromarray((ink * 60000 + 2000).round().to(torch.int32).numpy().astype("uint16")).save(path)
+    eight_bit = load_digit(save_gray(ink, tmp_path / "eight.png", light=False))
+    assert correlation(load_digit(path), eight_bit) > 0.99
+
+
+def test_decode_errors_name_no_build_paths(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(png_bytes(10, 10, rows=10)[:40])  # cut inside the image data
+    with pytest.raises(ImageError) as info:
+        load_digit(bad)
+    assert ".cpp" not in info.value.reason and "/" not in info.value.reason and "0x" not in info.value.reason
+
+
+def test_any_failure_of_one_file_leaves_the_others_their_answers(untrained_model, tmp_path, monkeypatch):
+    import fastmnist.predict as predict
+
+    good, doomed = save_gray(seven(), tmp_path / "good.png"), save_gray(seven(), tmp_path / "doomed.png")
+    original = predict.load_digit
+
+    def flaky(path):
+        if path == doomed:
+            raise MemoryError("the decoder ran out of memory")
+        return original(path)
+
+    monkeypatch.setattr(predict, "load_digit", flaky)
+    results = predict_files(untrained_model, [doomed, good], device="cpu")
+    assert "MemoryError" in results[0]["error"] and isinstance(results[1]["digit"], int)
+
+
+def nan_model(untrained_model, tmp_path):
+    ckpt = torch.load(untrained_model, weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][key][0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_model_with_nan_weights_is_reported_as_broken(untrained_model, tmp_path):
+    path = nan_model(untrained_model, tmp_path)
+    image = save_gray(seven(), tmp_path / "seven.png")
+    for args in (["eval", "--checkpoint", str(path)], ["predict", "--json", "--checkpoint", str(path), image]):
+        result = run_cli(*args, "--device", "cpu")
+        assert result.returncode == 2 and result.stdout == "", (result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fastmnist: error: ") and "NaN" in lines[0], lines
+
+
+def test_non_finite_output_is_an_error_never_a_nan_probability(untrained_model, tmp_path, monkeypatch):
+    import fastmnist.predict as predict
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 10), float("nan"))
+
+    monkeypatch.setattr(predict, "load_model", lambda path, device: (Broken(), {}))
+    results = predict_files(untrained_model, [save_gray(seven(), tmp_path / "seven.png")], device="cpu")
+    assert "not finite" in results[0]["error"] and "probability" not in results[0]
+    json.dumps(results, allow_nan=False)  # valid JSON

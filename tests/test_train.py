@@ -117,3 +117,111 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
         checkpoint.torch_save_atomic({"a": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
+
+
+# Damaged runs and data: one CheckpointError or MNISTDataError with the remedy; nothing of the old run lost.
+
+def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path):
+    """--overwrite used to delete the old run before the new one had even loaded its data."""
+    from fastmnist.data import FILES, MNISTDataError
+
+    out, bad_data = tmp_path / "run", tmp_path / "data"
+    out.mkdir()
+    bad_data.mkdir()
+    for name in checkpoint.REPLACED_FILES:
+        (out / name).write_bytes(f"old {name}".encode())
+    for name in FILES:
+        (bad_data / name).write_bytes(b"not MNIST")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(MNISTDataError, match="md5"):
+        train(tiny(str(bad_data), out), overwrite=True, log=quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(mnist_dir, tmp_path_factory):
+    """A two-step run (one epoch of 256 images), to be damaged copy by copy."""
+    out = tmp_path_factory.mktemp("damaged") / "run"
+    train(tiny(mnist_dir, out, epochs=1, limit_train=256, limit_test=100), log=quiet)
+    return out
+
+
+def damaged_copy(finished_run, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    state = checkpoint.load_training_state(out)
+    damage(state)
+    checkpoint.save_training_state(out, state)
+    return out
+
+
+def set_in(key, value, inner=None):
+    def damage(state):
+        if inner is None:
+            state[key] = value
+        else:
+            state[key][inner] = value
+    return damage
+
+
+@pytest.mark.parametrize("damage, words", [
+    (set_in("config", 1, "bogus_setting"), r"unknown settings \['bogus_setting'\]"),
+    (set_in("config", "many", "epochs"), r"wrong type or out of range for \['epochs'\]"),
+    (set_in("config", 0, "batch_size"), r"wrong type or out of range for \['batch_size'\]"),
+    (set_in("config", "all", "limit_train"), r"wrong type or out of range for \['limit_train'\]"),
+    (set_in("optimizer", {"state": 5, "param_groups": "x"}), "its optimiser state cannot be restored"),
+    (set_in("scheduler", 3), "its scheduler state cannot be restored"),
+    (set_in("rng", {"torch": "x"}), "random number generator states cannot be restored"),
+    (set_in("sums", [1, 2]), "its position cannot be restored"),
+    (set_in("epoch", 5), "an impossible position"),
+    (set_in("history", []), "an impossible position"),
+    (set_in("step", -1), "an impossible position"),
+], ids=["config_key", "config_type", "config_range", "config_limit", "optimizer", "scheduler", "rng", "sums", "epoch", "history", "step"])
+def test_a_damaged_checkpoint_is_refused_in_one_error(finished_run, mnist_dir, tmp_path, damage, words):
+    out = damaged_copy(finished_run, tmp_path, damage)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint.pt: .*{words}.*--overwrite"):
+        train(TrainConfig(out=str(out), data_dir=mnist_dir, progress=False), resume=True, log=quiet)
+
+
+def test_a_damaged_checkpoint_is_one_line_in_the_cli(finished_run, mnist_dir, tmp_path):
+    from conftest import run_cli
+
+    out = damaged_copy(finished_run, tmp_path, set_in("config", 1, "bogus_setting"))
+    result = run_cli("train", "--resume", str(out), "--data-dir", mnist_dir, "--no-progress")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastmnist: error:") and "bogus_setting" in lines[0]
+
+
+def test_a_run_killed_in_its_first_epoch_is_explained(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()  # what prepare_out_dir left before SIGKILL came, in the first epoch
+    with pytest.raises(checkpoint.CheckpointError, match=r"killed during its first epoch .*--overwrite"):
+        train(TrainConfig(out=str(out), progress=False), resume=True, log=quiet)
+
+
+def test_a_second_ctrl_c_is_one_line_not_a_traceback(mnist_dir, tmp_path, monkeypatch, capsys):
+    from fastmnist.cli import main
+
+    calls = {"n": 0}
+    original = train_module.random_affine
+
+    def twice(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)  # stop at the next step...
+            signal.raise_signal(signal.SIGINT)  # ...no, now
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "random_affine", twice)
+    try:
+        code = main(["train", "--epochs", "1", "--limit-train", "512", "--limit-test", "100", "--no-progress",
+                     "--data-dir", mnist_dir, "--out", str(tmp_path / "run")])
+    except KeyboardInterrupt:  # caught here, or pytest would take it for the user's and stop the session
+        pytest.fail("the second Ctrl-C escaped main() as a KeyboardInterrupt (a 50-line traceback for the user)")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastmnist: error: SIGINT again: stopped at once"), err
