@@ -352,7 +352,7 @@ def test_nan_propagates_as_in_stock_layers(training):
         y = impl(conv, bn, x)
         results.append([y, *grads(y, conv, bn, x, torch.ones_like(y))])
     assert results[1][0].isnan().any(), "the NaN vanished from y"
-    for name, a, b in zip(["y", "x", "weight", "bias", "bn_weight", "bn_bias"], *results):
+    for name, b, a in zip(["y", "x", "weight", "bias", "bn_weight", "bn_bias"], *results):  # b: stock, a: fused
         assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN at other places than in the stock layers"
         finite = ~b.isnan()
         assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-4)

@@ -310,7 +310,10 @@ void bn_grad_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __rest
 
 // dz = (a[c] dy + b[c] r + d[c]) where r > 0, else 0, over rows x C; also
 // accumulates grad_bias[c] += sum of dz. CO as in relu_epilogue_impl.
-template <typename scalar_t, int64_t CO>
+// In eval (TRAINING false) b and d are 0 and r is not read into the sum:
+// 0 * r would turn a NaN r into a NaN gradient where the stock layers pass
+// a finite one (their eval BN gradient does not depend on r).
+template <typename scalar_t, int64_t CO, bool TRAINING>
 void relu_bn_grad_impl(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ r,
                        const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
                        const scalar_t* __restrict__ d, int64_t rows, int64_t channels, scalar_t* __restrict__ dz,
@@ -323,7 +326,7 @@ void relu_bn_grad_impl(const scalar_t* __restrict__ dy, const scalar_t* __restri
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t rv = r[i * C + c];
-        const scalar_t g = a[c] * dy[i * C + c] + b[c] * rv + d[c];
+        const scalar_t g = TRAINING ? a[c] * dy[i * C + c] + b[c] * rv + d[c] : a[c] * dy[i * C + c];
         const scalar_t v = relu_grad(rv, g);
         dz[i * C + c] = v;
         bs[c] += v;
@@ -337,17 +340,23 @@ void relu_bn_grad_impl(const scalar_t* __restrict__ dy, const scalar_t* __restri
 // scale s multiplies its dy, so it folds into the coefficient a.
 template <typename scalar_t>
 void relu_bn_grad(const scalar_t* dy, const scalar_t* r, const scalar_t* a, const scalar_t* b, const scalar_t* d,
-                  const scalar_t* channel_scale, int64_t images, int64_t P, int64_t channels, scalar_t* dz,
-                  double* grad_bias) {
+                  const scalar_t* channel_scale, int64_t images, int64_t P, int64_t channels, bool training,
+                  scalar_t* dz, double* grad_bias) {
   std::vector<scalar_t> acc(2 * channels);
-  dispatch_channels(channels, [&](auto CO) {
+  auto run = [&](auto CO, auto TRAINING) {
     for (int64_t i = 0; i < images; ++i) {
       const int64_t at = i * P * channels;
       const scalar_t* a_n = times_scale(a, image_scale(channel_scale, i, channels), channels,
                                         acc.data() + channels);
-      relu_bn_grad_impl<scalar_t, decltype(CO)::value>(dy + at, r + at, a_n, b, d, P, channels, dz + at, grad_bias,
-                                                       acc.data());
+      relu_bn_grad_impl<scalar_t, decltype(CO)::value, decltype(TRAINING)::value>(
+          dy + at, r + at, a_n, b, d, P, channels, dz + at, grad_bias, acc.data());
     }
+  };
+  dispatch_channels(channels, [&](auto CO) {
+    if (training)
+      run(CO, std::true_type{});
+    else
+      run(CO, std::false_type{});
   });
 }
 
@@ -414,7 +423,7 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
     auto& dz = dz_buffers[thread];
     dz.resize(rows * C);
     relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(),
-                           image_scale(channel_scale, first, C), count, P, C, dz.data(),
+                           image_scale(channel_scale, first, C), count, P, C, training, dz.data(),
                            grad_b_acc.data() + thread * C);
     conv.weight_grad(x_ptr, dz.data(), first, count, thread, grad_w_acc.data() + thread * C * K);
     if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx_ptr + first * g.h * g.w * g.cin);
