@@ -158,6 +158,14 @@ def conv_path(x: Tensor, weight: Tensor, padding: int = 0, compute_grad_x: bool 
     return torch.ops.fastmnist.conv_path(x, weight, padding, compute_grad_x)
 
 
+def cpu_kernel_path() -> Optional[str]:
+    """The CPU path of the network's 3x3 blocks in this process ("avx512 tiles", "avx2 tiles" or
+    "im2col+BLAS: <why>"), or None without the extension: what a benchmark or a log should name."""
+    if not fused_supports("cpu"):
+        return None
+    return conv_path(torch.zeros(1, 24, 24, 24), torch.zeros(32, 24, 3, 3))
+
+
 def dropout2d_scale(x: Tensor, channels: int, p: float) -> Tensor:
     """The (N, channels) scale that F.dropout2d(., p) would multiply an (N, channels, H, W) output by.
 
