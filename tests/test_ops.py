@@ -433,7 +433,104 @@ def test_equivalence_suite_on_each_cpu_capability(capability, path):
     assert probe.stdout.strip().startswith(path), probe.stdout
     suite = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
-         "(matches_stock or widths or layouts or channel_scale or nan or gradcheck or twice_stock) and not cuda"],
+         "(matches_stock or widths or layouts or channel_scale or nan or gradcheck or twice_stock or pool) and not cuda"],
         capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent.parent)
     assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-2000:]
     assert " passed" in suite.stdout.splitlines()[-1], suite.stdout[-500:]
+
+
+# conv_relu_pool: the transition (1x1 conv 32 -> 16, ReLU, AvgPool2d(2)) and the head (1x1 conv 16 -> 10,
+# global average pooling) at small sizes, and odd shapes: 3x3 kernels with padding, a pool that drops a row
+# and a column (floor mode), widths that are not multiples of 8.
+# (batch, in channels, out channels, height, width, kernel, padding, pool, relu)
+POOL_SHAPES = [
+    (3, 32, 16, 10, 10, 1, 0, 2, True),
+    (4, 16, 10, 7, 7, 1, 0, 7, False),
+    (2, 5, 7, 9, 8, 3, 1, 2, True),
+    (2, 20, 40, 11, 11, 1, 0, 3, True),
+    (2, 48, 20, 6, 5, 3, 0, 2, False),
+]
+
+
+def pool_stock(x, weight, bias, pool, relu, padding):
+    z = F.conv2d(x, weight, bias, padding=padding)
+    return F.avg_pool2d(F.relu(z) if relu else z, pool)
+
+
+def pool_inputs(shape, dtype, seed=0):
+    n, cin, cout, h, w, k, pad, pool, relu = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=g)
+    weight = torch.randn(cout, cin, k, k, dtype=torch.float64, generator=g) / (cin * k * k) ** 0.5
+    bias = torch.randn(cout, dtype=torch.float64, generator=g)
+    return [t.to(dtype).requires_grad_() for t in (x, weight, bias)], dict(pool=pool, relu=relu, padding=pad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=str)
+def test_pool_matches_stock_layers(shape, dtype):
+    (x, weight, bias), kw = pool_inputs(shape, dtype)
+    y_s, y_f = pool_stock(x, weight, bias, **kw), ops.conv_relu_pool(x, weight, bias, **kw)
+    gy = torch.randn(y_s.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert_close(y_f, y_s, **tol)
+    for name, a, b in zip(["x", "weight", "bias"], torch.autograd.grad(y_f, [x, weight, bias], gy),
+                          torch.autograd.grad(y_s, [x, weight, bias], gy)):
+        assert_close(a, b, **dict(tol, atol=tol["atol"] * max(1.0, b.abs().max().item())),
+                     msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_pool_gradcheck_and_opcheck(relu):
+    (x, weight, bias), kw = pool_inputs((2, 3, 4, 6, 5, 3, 1, 2, relu), torch.float64)
+    torch.autograd.gradcheck(lambda x, w, b: ops.conv_relu_pool(x, w, b, **kw), (x, weight, bias))
+    torch.library.opcheck(torch.ops.fastmnist.conv_relu_pool.default,
+                          (x, weight, bias, relu, kw["padding"], kw["pool"]))
+
+
+def test_pool_nan_propagates_as_in_stock_layers():
+    (x, weight, bias), kw = pool_inputs(POOL_SHAPES[0], torch.float32)
+    with torch.no_grad():
+        x[1, 3, 4, 5] = float("nan")
+    y_s, y_f = pool_stock(x, weight, bias, **kw), ops.conv_relu_pool(x, weight, bias, **kw)
+    assert y_f.isnan().any() and torch.equal(y_f.isnan(), y_s.isnan())
+    gy = torch.ones_like(y_s)
+    for a, b in zip(torch.autograd.grad(y_f, [x, weight, bias], gy), torch.autograd.grad(y_s, [x, weight, bias], gy)):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert_close(a[~b.isnan()], b[~b.isnan()], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: {**a, "pool": 0}, r"pool must be in \[1, 8\]"),
+        (lambda a: {**a, "pool": 9}, r"pool must be in \[1, 8\]"),
+        (lambda a: {**a, "bias": a["bias"][:2]}, "bias must have shape"),
+        (lambda a: {**a, "x": a["x"].double()}, "dtype"),
+    ],
+    ids=["pool_0", "pool_too_big", "bias", "dtype"],
+)
+def test_pool_bad_inputs_raise_clear_errors(change, message):
+    args = dict(x=torch.randn(2, 3, 8, 8), weight=torch.randn(4, 3, 1, 1), bias=torch.randn(4), pool=2)
+    with pytest.raises(RuntimeError, match=message):
+        ops.conv_relu_pool(**change(args))
+
+
+@pytest.mark.parametrize("shape", [(128, 32, 16, 22, 22, 1, 0, 2, True), (128, 16, 10, 7, 7, 1, 0, 7, False)],
+                         ids=["transition", "head"])
+def test_pool_float32_error_at_most_twice_stock(shape):
+    """The network's transition and head at full size, by the same rule as the blocks."""
+    (x64, w64, b64), kw = pool_inputs(shape, torch.float64, seed=2)
+    ref_y = pool_stock(x64, w64, b64, **kw)
+    gy = torch.randn(ref_y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = [ref_y, *torch.autograd.grad(ref_y, [x64, w64, b64], gy)]
+
+    def run(fn):
+        x, w, b = (t.detach().float().requires_grad_() for t in (x64, w64, b64))
+        y = fn(x, w, b, **kw)
+        return [y, *torch.autograd.grad(y, [x, w, b], gy.float())]
+
+    for name, r, s, f in zip(["y", "grad_x", "grad_weight", "grad_bias"], ref, run(pool_stock), run(ops.conv_relu_pool)):
+        err_stock, err_fused = (s.double() - r).abs().max().item(), (f.double() - r).abs().max().item()
+        tiny = 1e-6 * (1 + r.abs().max().item())
+        assert err_fused <= 2 * err_stock + tiny, f"{name}: fused error {err_fused:.3g} > 2 x stock error {err_stock:.3g}"
