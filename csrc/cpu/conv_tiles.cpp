@@ -49,19 +49,25 @@ const char* tile_isa_name(TileIsa isa) {
 }
 
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out) {
+#ifdef FASTMNIST_X86_TILES
   switch (tile_isa()) {
     case TileIsa::avx512: return avx512::valid_conv(in, w, g, CO, out);
     case TileIsa::avx2: return avx2::valid_conv(in, w, g, CO, out);
-    default: TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
+    default: break;
   }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
 }
 
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
+#ifdef FASTMNIST_X86_TILES
   switch (tile_isa()) {
     case TileIsa::avx512: return avx512::weight_grad(in, dz, g, CO, dw);
     case TileIsa::avx2: return avx2::weight_grad(in, dz, g, CO, dw);
-    default: TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
+    default: break;
   }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
 }
 
 }  // namespace fastmnist_cpu

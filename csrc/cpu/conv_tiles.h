@@ -36,6 +36,7 @@ inline int64_t tile_channels(int64_t c) {
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
 
+// The per-ISA builds (defined on x86-64 only).
 namespace avx2 {
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
