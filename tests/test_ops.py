@@ -534,3 +534,200 @@ def test_pool_float32_error_at_most_twice_stock(shape):
         err_stock, err_fused = (s.double() - r).abs().max().item(), (f.double() - r).abs().max().item()
         tiny = 1e-6 * (1 + r.abs().max().item())
         assert err_fused <= 2 * err_stock + tiny, f"{name}: fused error {err_fused:.3g} > 2 x stock error {err_stock:.3g}"
+
+# ---------------------------------------------------------------- CUDA
+# Shapes the CUDA kernels' tiling must get right: more than 64 output channels
+# (a second channel tile), 40 and 24 channels (partial thread tiles, no
+# padding), rectangular and even kernels, padding wider than the kernel.
+CUDA_SHAPES = [  # (n, cin, cout, h, w, kh, kw, pad)
+    (3, 5, 72, 9, 7, 3, 3, 1),
+    (2, 24, 24, 11, 10, 3, 3, 0),
+    (2, 6, 40, 8, 9, 3, 2, 1),
+    (3, 3, 7, 6, 8, 2, 4, 2),
+    (2, 33, 5, 5, 5, 1, 1, 0),
+    (1, 2, 9, 4, 4, 2, 2, 3),
+]
+
+
+def op_inputs(shape, device, dtype, scale, seed=0):
+    """Random arguments of the raw op (never trivial), drawn in float64 on the CPU."""
+    n, cin, cout, h, w, kh, kw, pad = shape
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    u = lambda *s: torch.rand(*s, dtype=torch.float64, generator=g)  # noqa: E731
+    args = dict(x=r(n, cin, h, w), weight=r(cout, cin, kh, kw) * 0.3, bias=r(cout) * 0.1, bn_weight=u(cout) + 0.5,
+                bn_bias=r(cout) * 0.5, running_mean=r(cout) * 0.2, running_var=u(cout) + 0.5,
+                channel_scale=(u(n, cout) * 2).where(u(n, cout) > 0.3, torch.zeros(())) if scale else None,
+                grad_y=r(n, cout, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1))
+    return {k: (v.to(device, dtype) if v is not None else None) for k, v in args.items()}
+
+
+def op_forward_backward(a, training, pad, grad_x=True):
+    """y, relu_out, mean, var and the five gradients of the raw ops."""
+    y, r, mean, var = torch.ops.fastmnist.conv_relu_bn(a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"],
+                                                       a["running_mean"], a["running_var"], training, 1e-5, pad,
+                                                       a["channel_scale"])
+    g = torch.ops.fastmnist.conv_relu_bn_backward(a["grad_y"], a["x"], a["weight"], r, a["bn_weight"], mean, var,
+                                                  training, 1e-5, pad, grad_x, a["channel_scale"])
+    return [y, r, mean, var, *g]
+
+
+def stock_forward_backward(a, training, pad):
+    """The same outputs from the stock layers (autograd through reference_conv_relu_bn)."""
+    leaves = {k: a[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "bn_weight", "bn_bias")}
+    rm, rv = a["running_mean"].clone(), a["running_var"].clone()
+    y = ops.reference_conv_relu_bn(leaves["x"], leaves["weight"], leaves["bias"], leaves["bn_weight"],
+                                   leaves["bn_bias"], rm, rv, training, 0.1, 1e-5, pad, a["channel_scale"])
+    grads = torch.autograd.grad(y, list(leaves.values()), a["grad_y"])
+    return [y.detach(), *grads]
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+def test_cuda_matches_stock_cuda(shape, training, scale, dtype):
+    a = op_inputs(shape, "cuda", dtype, scale)
+    out = op_forward_backward(a, training, shape[-1])
+    ref = stock_forward_backward(a, training, shape[-1])
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+    for name, got, want in zip(["y", "x", "weight", "bias", "bn_weight", "bn_bias"], [out[0], *out[4:]], ref):
+        scaled = dict(tol, atol=tol["atol"] * max(1.0, want.abs().max().item()))
+        assert_close(got, want, **scaled, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=str)
+def test_cuda_matches_cpu_float64(shape, training, scale):
+    """Fused CUDA equals fused CPU on the same float64 inputs, every output."""
+    cpu = op_forward_backward(op_inputs(shape, "cpu", torch.float64, scale), training, shape[-1])
+    cuda = op_forward_backward(op_inputs(shape, "cuda", torch.float64, scale), training, shape[-1])
+    for i, (a, b) in enumerate(zip(cuda, cpu)):
+        assert_close(a.cpu(), b, rtol=1e-9, atol=1e-10 * max(1.0, b.abs().max().item()), msg=lambda m: f"output {i}: {m}")
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("shape", [CUDA_SHAPES[0], CUDA_SHAPES[1], (64, 16, 24, 13, 13, 3, 3, 0)], ids=str)
+def test_cuda_bitwise_repeatable(shape):
+    """The determinism claim: fixed-order partial sums, no atomics, so a second run is bitwise equal."""
+    a = op_inputs(shape, "cuda", torch.float32, scale=True)
+    first = op_forward_backward(a, True, shape[-1])
+    for _ in range(3):
+        again = op_forward_backward(a, True, shape[-1])
+        for i, (u, v) in enumerate(zip(first, again)):
+            assert torch.equal(u, v), f"output {i} differs between identical calls"
+
+
+@pytest.mark.needs_cuda
+def test_cuda_runs_on_the_current_stream():
+    """Results on a non-default stream equal those on the default stream (kernels use the current stream)."""
+    shape = CUDA_SHAPES[0]
+    a = op_inputs(shape, "cuda", torch.float32, scale=True)
+    ref = op_forward_backward(a, True, shape[-1])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # a busy stream: later launches must queue behind earlier ones
+            out = op_forward_backward(a, True, shape[-1])
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for u, v in zip(ref, out):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cuda_grad_weight_comes_in_the_weights_memory_format(memory_format):
+    a = op_inputs(CUDA_SHAPES[2], "cuda", torch.float32, scale=False)
+    a["weight"] = a["weight"].contiguous(memory_format=memory_format)
+    grad_w = op_forward_backward(a, True, CUDA_SHAPES[2][-1])[5]
+    assert grad_w.is_contiguous(memory_format=memory_format)
+    ref = stock_forward_backward(a, True, CUDA_SHAPES[2][-1])[2]
+    assert_close(grad_w, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_nan_propagates_as_in_stock_layers(training):
+    shape = CUDA_SHAPES[1]
+    a = op_inputs(shape, "cuda", torch.float32, scale=False)
+    a["x"][0, 3, 4, 5] = float("nan")
+    out, ref = op_forward_backward(a, training, shape[-1]), stock_forward_backward(a, training, shape[-1])
+    for got, want in zip([out[0], *out[4:]], ref):
+        assert torch.equal(got.isnan(), want.isnan())
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("change, message", [
+    (dict(x=torch.randn(2, 3, 2, 2)), "is smaller than the kernel"),
+    (dict(weight=torch.randn(4, 5, 3, 3)), "channels"),
+    (dict(bias=torch.randn(5)), "bias must have shape"),
+    (dict(channel_scale=torch.ones(3, 4)), "channel_scale must have shape"),
+])
+def test_cuda_errors_match_the_cpu(change, message):
+    """Same bad input, same message on either device (csrc/checks.h)."""
+    errors = {}
+    for device in ("cpu", "cuda"):
+        base = dict(x=torch.randn(2, 3, 6, 6), weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4),
+                    channel_scale=None)
+        args = {k: (v.to(device) if v is not None else None) for k, v in {**base, **change}.items()}
+        c = torch.ones(4, device=device)
+        with pytest.raises(RuntimeError, match=message) as info:
+            torch.ops.fastmnist.conv_relu_bn(args["x"], args["weight"], args["bias"], c, c, c, c, True, 1e-5, 0,
+                                             args["channel_scale"])
+        errors[device] = str(info.value).splitlines()[0]
+    assert errors["cuda"] == errors["cpu"]
+
+
+@pytest.mark.needs_cuda
+def test_cuda_conv_path_describes_the_kernels():
+    x, w = torch.randn(2, 24, 8, 8, device="cuda"), torch.randn(24, 24, 3, 3, device="cuda")
+    path = ops.conv_path(x, w)
+    assert "cuda" in path and "24 channels a block" in path
+
+
+@pytest.mark.needs_cuda
+def test_cuda_fused_and_stock_models_follow_the_same_loss_trajectory():
+    """The model-level check of test_model.py, on the GPU: 20 SGD steps, losses agree step by step."""
+    from fastmnist.model import build_model
+
+    torch.manual_seed(0)
+    stock_m = build_model(impl="stock", dropout=0.0).cuda()
+    fused_m = build_model(impl="fused", dropout=0.0).cuda()
+    fused_m.load_state_dict(stock_m.state_dict())
+    fused_m = fused_m.to(memory_format=torch.channels_last)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (stock_m, fused_m)]
+    gen = torch.Generator().manual_seed(1)
+    losses = {0: [], 1: []}
+    for _ in range(20):
+        x = torch.rand(32, 1, 28, 28, generator=gen).cuda()
+        y = torch.randint(0, 10, (32,), generator=gen).cuda()
+        for i, (model, opt) in enumerate(zip((stock_m, fused_m), opts)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(), loss.backward(), opt.step()
+            losses[i].append(loss.item())
+    assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.needs_cuda
+def test_cuda_fused_dropout_drops_the_channels_stock_dropout_drops():
+    """Same CUDA RNG state: the fused op's mask is Dropout2d's, so outputs and gradients agree."""
+    from fastmnist.layers import ConvReLUBN
+
+    torch.manual_seed(0)
+    stock_l = ConvReLUBN(4, 16, 3, dropout=0.3, impl="stock").cuda()
+    fused_l = ConvReLUBN(4, 16, 3, dropout=0.3, impl="fused").cuda()
+    fused_l.load_state_dict(stock_l.state_dict())
+    x = torch.randn(8, 4, 9, 9, device="cuda")
+    outs = []
+    for layer in (stock_l, fused_l):
+        torch.manual_seed(1)
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        outs.append((y, layer.conv.weight.grad, layer.bn.weight.grad))
+    assert outs[0][0].eq(0).flatten(2).all(-1).any(), "some channels must be dropped"
+    for a, b in zip(*outs):
+        assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -1,35 +1,34 @@
-// CUDA kernels of fastmnist::conv_relu_bn and fastmnist::conv_relu_bn_backward
-// (schemas in csrc/ops.cpp).
+// CUDA kernels of fastmnist::conv_relu_bn, fastmnist::conv_relu_bn_backward and
+// fastmnist::conv_path (schemas in csrc/ops.cpp; input checks in csrc/checks.h,
+// shared with the CPU so both devices give the same messages).
 //
-// Every activation is NHWC in memory (channels_last), so a pixel's channels are
-// contiguous and "channel = flat index % C". The convolution is stride 1 with
-// zero padding. Sums that feed the batch statistics and the weight gradients
-// are accumulated in double, per block, into partial buffers that a second
-// kernel reduces in a fixed order: no atomics, bitwise-deterministic results.
-// The convolution's inner products are also accumulated in double and rounded
-// once, which keeps the fused float32 error below the stock layers' error.
+// Every activation is NHWC in memory (channels_last): a pixel's channels are
+// contiguous. The convolution is stride 1 with zero padding.
+//
+// Numerics: products and their sums run in scalar_t (fp32 FMAs for float32),
+// in register micro-tiles of kTileP pixels x kTileC channels per thread. Sums
+// over the batch (BN statistics, BN-backward sums, grad_bias, grad_weight) are
+// per-block partials that a second kernel adds in double in a fixed order: no
+// atomics, bitwise-repeatable results for a given shape and device.
 //
 // Forward (3 launches):
-//   conv_bias_relu_forward_kernel   r = relu(conv(x) + bias); per-block partial
-//                                   sum(r), sum(r^2) per channel (training)
-//   batch_stats_forward_kernel      mean, biased var, and y = r*scale + shift's
-//   (or bn_eval_coefficients_...)   per-channel scale and shift
-//   bn_normalize_forward_kernel     y
+//   conv_forward_kernel          r = relu(conv(x) + bias), per-block sum(r), sum(r^2)
+//   batch_stats_forward_kernel   mean, biased var, BN's affine map (scale, shift)
+//   bn_normalize_forward_kernel  y = (r * scale + shift) * channel_scale[n]
 // Backward (5 or 6 launches):
-//   bn_grad_partials_backward_kernel   per-block partial sum(dy), sum(dy*xhat)
-//   bn_grad_finalize_backward_kernel   grad_bn_bias, grad_bn_weight, coefficients
-//   bn_relu_backward_kernel            dz, the fused BN + ReLU gradient
-//   conv_weight_partials_backward_kernel, conv_weight_reduce_backward_kernel
-//                                      grad_weight and grad_bias
-//   conv_input_backward_kernel         grad_x (when asked for)
+//   bn_grad_partials_backward_kernel  per-block sum(dy), sum(dy * xhat), dy = grad_y * channel_scale[n]
+//   bn_grad_finalize_backward_kernel  grad_bn_bias, grad_bn_weight, dz coefficients
+//   bn_relu_backward_kernel           dz (BN + ReLU gradient), per-block sum(dz)
+//   row_sum_kernel                    grad_bias
+//   conv_weight_partials_backward_kernel + weight_reduce_backward_kernel   grad_weight
+//   conv_forward_kernel               grad_x: the convolution of dz with the flipped weight
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-// c10::cuda::getCurrentCUDAStream is the function at::cuda::getCurrentCUDAStream
-// names (ATen/cuda/CUDAContext.h re-exports c10::cuda). That header also pulls
-// in cuSPARSE, cuBLAS and cuSOLVER headers which a minimal toolkit (CUDA 13
-// without the math libraries' dev files) lacks, and this file needs none of them.
+// c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream names;
+// ATen/cuda/CUDAContext.h would also pull in cuBLAS/cuSPARSE headers that a
+// minimal CUDA 13 toolkit lacks.
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -37,663 +36,689 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
+
+#include "../checks.h"
 
 namespace {
 
-constexpr int kThreads = 256;          // threads per block, a power of two
-constexpr int kPixelsPerThread = 8;    // pixels each thread reduces per chunk
-constexpr int kMaxChannelsPerBlock = 32;
-// Weight-gradient work is split over pixel chunks until about this many
-// threads run; each writes one double partial.
-constexpr int64_t kWeightGradThreads = int64_t{1} << 19;
-constexpr int64_t kMaxGridY = 65535;
-constexpr int64_t kMaxElementwiseBlocks = int64_t{1} << 20;
+constexpr int kThreads = 256;      // threads per block (at most)
+constexpr int kTileP = 4;          // pixels per thread (register micro-tile)
+constexpr int kTileC = 4;          // output channels per thread
+constexpr int kMaxTileChannels = 64;  // output channels per block
+constexpr int kCinChunk = 32;      // input channels of weight staged in shared memory at once
+constexpr int kReduceRowsMax = 256;
+constexpr int64_t kMaxGrid = 65535;
+constexpr const char* kOp = "conv_relu_bn";
+constexpr const char* kBackwardOp = "conv_relu_bn_backward";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-unsigned elementwise_blocks(int64_t numel) {
-  return static_cast<unsigned>(std::min(ceil_div(numel, kThreads), kMaxElementwiseBlocks));
+// A stride-1 convolution on NHWC data: input (N, H, W, Cin), weight staged as
+// (KH, KW, Cin, Cout), output (N, Hout, Wout, Cout); output pixel (ho, wo)
+// reads input row ho + i - ph, column wo + j - pw (zero outside). ph and pw
+// may be negative (the input gradient's flipped convolution). Sizes inside an
+// image fit int32 (checked on the host); image offsets are int64.
+struct ConvDims {
+  int n, h, w, cin, hout, wout, cout, kh, kw, ph, pw;
+};
+
+ConvDims forward_dims(const fastmnist::ConvGeometry& g) {
+  return ConvDims{int(g.n), int(g.h), int(g.w), int(g.cin), int(g.hout), int(g.wout), int(g.cout), int(g.kh),
+                  int(g.kw), int(g.pad), int(g.pad)};
 }
 
-// Shape of a stride-1 convolution: x (N, Cin, H, W) stored NHWC, weight
-// (Cout, Cin, KH, KW), output (N, Cout, Hout, Wout) stored NHWC.
-struct ConvShape {
-  int64_t n, cin, h, w;
-  int64_t cout, kh, kw;
-  int64_t hout, wout, pad;
-  __host__ __device__ int64_t pixels() const { return n * hout * wout; }
+// The input gradient as a convolution: grad_x[hi, wi, ci] = sum dz[hi - i + pad, wi - j + pad, co] w[co, ci, i, j]
+// = sum dz[hi + i' - (KH-1-pad), ...] w[co, ci, KH-1-i', KW-1-j']: input dz, weight flipped, Cin <-> Cout.
+ConvDims input_grad_dims(const fastmnist::ConvGeometry& g) {
+  return ConvDims{int(g.n), int(g.hout), int(g.wout), int(g.cout), int(g.h), int(g.w), int(g.cin), int(g.kh),
+                  int(g.kw), int(g.kh - 1 - g.pad), int(g.kw - 1 - g.pad)};
+}
+
+// Launch shape of the convolution and of the per-channel passes: threads_c
+// threads cover a tile of up to kMaxTileChannels output channels, kTileC each
+// (24 channels: 6 threads, no padding to a power of two); threads_p rows of
+// threads cover the block's pixels.
+struct Tiling {
+  int threads_c, threads_p, tile_channels;
+  int64_t pixels_per_block, blocks_p, tiles_c;
+  dim3 grid() const { return dim3(unsigned(blocks_p), unsigned(tiles_c)); }
+  dim3 block() const { return dim3(unsigned(threads_c * threads_p)); }
 };
 
-// Per-channel reductions over pixels run on blocks of (channels, pixels)
-// threads: threadIdx.x picks a channel of a tile of up to 32, threadIdx.y
-// strides over the pixels of the block's chunk, so a warp reads and writes
-// whole contiguous runs of NHWC channels.
-struct ChannelTiling {
-  dim3 block;
-  dim3 grid;                 // (chunks, channel tiles)
-  int64_t pixels_per_chunk;
-  int64_t chunks;
-};
-
-ChannelTiling make_channel_tiling(int64_t pixels, int64_t channels) {
-  int channels_per_block = 1;
-  while (channels_per_block < channels && channels_per_block < kMaxChannelsPerBlock) {
-    channels_per_block *= 2;
-  }
-  const int pixel_rows = kThreads / channels_per_block;
-  const int64_t pixels_per_chunk = int64_t{pixel_rows} * kPixelsPerThread;
-  const int64_t chunks = ceil_div(pixels, pixels_per_chunk);
-  const int64_t channel_tiles = ceil_div(channels, channels_per_block);
-  TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max() && channel_tiles <= kMaxGridY,
-              "conv_relu_bn: too many pixels (", pixels, ") or channels (", channels,
-              ") for one launch");
-  ChannelTiling t;
-  t.block = dim3(channels_per_block, pixel_rows);
-  t.grid = dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(channel_tiles));
-  t.pixels_per_chunk = pixels_per_chunk;
-  t.chunks = chunks;
+Tiling make_tiling(int64_t pixels, int64_t channels, int pixels_per_thread) {
+  Tiling t;
+  t.tile_channels = int(std::min<int64_t>(channels, kMaxTileChannels));
+  t.threads_c = int(ceil_div(t.tile_channels, kTileC));
+  t.threads_p = kThreads / t.threads_c;
+  t.pixels_per_block = int64_t{t.threads_p} * pixels_per_thread;
+  t.blocks_p = ceil_div(pixels, t.pixels_per_block);
+  t.tiles_c = ceil_div(channels, t.tile_channels);
+  TORCH_CHECK(t.blocks_p <= std::numeric_limits<int32_t>::max() && t.tiles_c <= kMaxGrid, kOp,
+              ": too many pixels (", pixels, ") or channels (", channels, ") for one launch");
   return t;
 }
 
-// Sums a and b over threadIdx.y for each threadIdx.x in a fixed tree order and
-// stores them as chunk blockIdx.x's partials of channel c: pa[c * gridDim.x +
-// blockIdx.x]. Every thread of a ChannelTiling block must call it.
-__device__ void store_channel_partials(double a, double b, int64_t c, int64_t channels,
-                                       double* __restrict__ pa, double* __restrict__ pb) {
-  __shared__ double sa[kThreads];
-  __shared__ double sb[kThreads];
-  const unsigned tid = threadIdx.y * blockDim.x + threadIdx.x;
-  sa[tid] = a;
-  sb[tid] = b;
+// Adds each thread's kTileC double values over the block's pixel rows, row 0
+// first (a fixed order), and stores them as block blockIdx.x's partials:
+// out[c * gridDim.x + blockIdx.x]. red holds kThreads * kTileC doubles.
+__device__ void store_block_partials(const double (&v)[kTileC], int tc, int tp, int threads_c, int threads_p,
+                                     int c0, int channels, double* red, double* __restrict__ out) {
+  for (int t = 0; t < kTileC; ++t) red[(tp * threads_c + tc) * kTileC + t] = v[t];
   __syncthreads();
-  for (unsigned stride = blockDim.y / 2; stride > 0; stride /= 2) {
-    if (threadIdx.y < stride) {
-      sa[tid] += sa[tid + stride * blockDim.x];
-      sb[tid] += sb[tid + stride * blockDim.x];
+  if (tp == 0) {
+    for (int t = 0; t < kTileC; ++t) {
+      const int c = c0 + tc * kTileC + t;
+      double s = 0.0;
+      for (int row = 0; row < threads_p; ++row) s += red[(row * threads_c + tc) * kTileC + t];
+      if (c < channels) out[int64_t{c} * gridDim.x + blockIdx.x] = s;
     }
-    __syncthreads();
   }
-  if (threadIdx.y == 0 && c < channels) {
-    const int64_t at = c * gridDim.x + blockIdx.x;
-    pa[at] = sa[threadIdx.x];
-    pb[at] = sb[threadIdx.x];
-  }
+  __syncthreads();
 }
 
-// Sum of row[0, len) by a 1-D block whose size is a power of two, in a fixed
-// order; every thread gets the total. shm holds blockDim.x doubles.
+// Sum of row[0, len) by a 1-D block of kReduceRowsMax threads in a fixed order.
 __device__ double block_row_sum(const double* __restrict__ row, int64_t len, double* shm) {
   double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-    acc += row[i];
-  }
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) acc += row[i];
   shm[threadIdx.x] = acc;
   __syncthreads();
   for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      shm[threadIdx.x] += shm[threadIdx.x + stride];
-    }
+    if (threadIdx.x < stride) shm[threadIdx.x] += shm[threadIdx.x + stride];
     __syncthreads();
   }
   const double total = shm[0];
-  __syncthreads();  // shm is free for the caller's next sum
+  __syncthreads();
   return total;
-}
-
-// BN as an affine map per channel: y = (r - mean) / sqrt(var + eps) * w + b
-//                                    = r * scale + shift.
-__device__ void bn_affine_coefficients(double mean, double var, double w, double b, double eps,
-                                       double* scale, double* shift) {
-  const double s = w / sqrt(var + eps);
-  *scale = s;
-  *shift = b - mean * s;
 }
 
 // ---------------------------------------------------------------- forward
 
-// r[p, c] = relu(bias[c] + sum_{i, j, ci} x[n, ho + i - pad, wo + j - pad, ci]
-//                                          * weight[c, ci, i, j])
-// with x zero outside the image; weight_t is the weight as (KH, KW, Cin, Cout)
-// so neighbouring threads (channels) read neighbouring weights. In training,
-// also writes this chunk's partial sum(r) and sum(r^2) per channel.
+// out[p, c] = act(bias[c] + sum_{i, j, ci} in[n, ho + i - ph, wo + j - pw, ci] * wt[i, j, ci, c])
+// with act = ReLU (NaN passes, as torch.relu: v < 0 ? 0 : v) when relu, else
+// identity; bias may be null. Thread (tc, tp) of block (bx, by) computes
+// pixels bx * pixels_per_block + tp + k * threads_p (k < kTileP) and channels
+// by * tile + tc * kTileC + t (t < kTileC): an fp32 register tile. The weight
+// slab of the block's channels is staged in shared memory kCinChunk input
+// channels at a time. When partial_sum is given, also writes the block's
+// partial sum(out) and sum(out^2) per channel (for the batch statistics).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) conv_bias_relu_forward_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight_t,
-    const scalar_t* __restrict__ bias, scalar_t* __restrict__ relu_out,
-    double* __restrict__ partial_sum, double* __restrict__ partial_sumsq, ConvShape s,
-    int64_t pixels_per_chunk) {
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t total = s.pixels();
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * pixels_per_chunk;
-  const int64_t end = begin + pixels_per_chunk < total ? begin + pixels_per_chunk : total;
-  const int64_t tap_stride = s.cin * s.cout;
-  double sum = 0.0;
-  double sumsq = 0.0;
-  if (c < s.cout) {
-    const double b = static_cast<double>(bias[c]);
-    for (int64_t p = begin + threadIdx.y; p < end; p += blockDim.y) {
-      const int64_t wo = p % s.wout;
-      const int64_t ho = (p / s.wout) % s.hout;
-      const int64_t n = p / (s.wout * s.hout);
-      double z = b;
-      for (int64_t i = 0; i < s.kh; ++i) {
-        const int64_t hi = ho + i - s.pad;
-        if (hi < 0 || hi >= s.h) continue;
-        for (int64_t j = 0; j < s.kw; ++j) {
-          const int64_t wi = wo + j - s.pad;
-          if (wi < 0 || wi >= s.w) continue;
-          const scalar_t* xp = x + ((n * s.h + hi) * s.w + wi) * s.cin;
-          const scalar_t* wp = weight_t + (i * s.kw + j) * tap_stride + c;
-          for (int64_t ci = 0; ci < s.cin; ++ci, wp += s.cout) {
-            z += static_cast<double>(xp[ci]) * static_cast<double>(*wp);
+__global__ void __launch_bounds__(kThreads) conv_forward_kernel(
+    const scalar_t* __restrict__ in, const scalar_t* __restrict__ wt, const scalar_t* __restrict__ bias,
+    scalar_t* __restrict__ out, double* __restrict__ partial_sum, double* __restrict__ partial_sumsq, ConvDims d,
+    int threads_c, int threads_p, int tile_channels, bool relu) {
+  __shared__ scalar_t ws[kCinChunk][kMaxTileChannels];
+  const int tc = threadIdx.x % threads_c;
+  const int tp = threadIdx.x / threads_c;
+  const int c0 = blockIdx.y * tile_channels;
+  const int cbase = c0 + tc * kTileC;  // first channel of this thread
+  const int pixels_per_image = d.hout * d.wout;
+  const int64_t total = int64_t{d.n} * pixels_per_image;
+  const int64_t first = int64_t{blockIdx.x} * threads_p * kTileP;
+
+  int64_t image_in[kTileP];  // element offset of the pixel's image in `in`, or -1 past the end
+  int oh[kTileP], ow[kTileP];
+#pragma unroll
+  for (int k = 0; k < kTileP; ++k) {
+    const int64_t p = first + tp + int64_t{k} * threads_p;
+    if (p < total) {
+      const int64_t n = p / pixels_per_image;
+      const int q = int(p - n * pixels_per_image);
+      oh[k] = q / d.wout;
+      ow[k] = q - oh[k] * d.wout;
+      image_in[k] = n * d.h * d.w * d.cin;
+    } else {
+      image_in[k] = -1;
+      oh[k] = ow[k] = 0;
+    }
+  }
+  scalar_t acc[kTileP][kTileC];
+#pragma unroll
+  for (int t = 0; t < kTileC; ++t) {
+    const int c = cbase + t;
+    const scalar_t b = (bias != nullptr && c < d.cout) ? bias[c] : scalar_t(0);
+#pragma unroll
+    for (int k = 0; k < kTileP; ++k) acc[k][t] = b;
+  }
+  const int tile_c = min(tile_channels, d.cout - c0);
+  for (int i = 0; i < d.kh; ++i) {
+    for (int j = 0; j < d.kw; ++j) {
+      for (int ci0 = 0; ci0 < d.cin; ci0 += kCinChunk) {
+        const int chunk = min(kCinChunk, d.cin - ci0);
+        __syncthreads();  // the previous slab is no longer read
+        const int width = threads_c * kTileC;  // every column a thread reads, zero past the tile
+        for (int e = threadIdx.x; e < kCinChunk * width; e += blockDim.x) {
+          const int cc = e / width, cl = e - cc * width;
+          ws[cc][cl] = (cc < chunk && cl < tile_c)
+                           ? wt[((int64_t{i} * d.kw + j) * d.cin + ci0 + cc) * d.cout + c0 + cl]
+                           : scalar_t(0);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < kTileP; ++k) {
+          const int hi = oh[k] + i - d.ph, wi = ow[k] + j - d.pw;
+          if (image_in[k] < 0 || hi < 0 || hi >= d.h || wi < 0 || wi >= d.w) continue;
+          const scalar_t* xp = in + image_in[k] + (int64_t{hi} * d.w + wi) * d.cin + ci0;
+          for (int cc = 0; cc < chunk; ++cc) {
+            const scalar_t xv = xp[cc];
+#pragma unroll
+            for (int t = 0; t < kTileC; ++t) {
+              const int cl = tc * kTileC + t;
+              acc[k][t] = fma(xv, ws[cc][cl < kMaxTileChannels ? cl : 0], acc[k][t]);
+            }
           }
         }
       }
-      // z < 0 is false for NaN, which passes through as in torch.relu.
-      const scalar_t r = static_cast<scalar_t>(z < 0.0 ? 0.0 : z);
-      relu_out[p * s.cout + c] = r;
-      sum += static_cast<double>(r);
-      sumsq += static_cast<double>(r) * static_cast<double>(r);
+    }
+  }
+  double sum[kTileC] = {}, sumsq[kTileC] = {};
+#pragma unroll
+  for (int k = 0; k < kTileP; ++k) {
+    if (image_in[k] < 0) continue;
+    const int64_t p = first + tp + int64_t{k} * threads_p;
+#pragma unroll
+    for (int t = 0; t < kTileC; ++t) {
+      const int c = cbase + t;
+      if (tc * kTileC + t >= tile_c) continue;
+      scalar_t v = acc[k][t];
+      if (relu) v = v < scalar_t(0) ? scalar_t(0) : v;  // NaN passes through, as torch.relu
+      out[p * d.cout + c] = v;
+      sum[t] += double(v);
+      sumsq[t] += double(v) * double(v);
     }
   }
   if (partial_sum != nullptr) {  // uniform over the block
-    store_channel_partials(sum, sumsq, c, s.cout, partial_sum, partial_sumsq);
+    __shared__ double red[kThreads * kTileC];
+    store_block_partials(sum, tc, tp, threads_c, threads_p, c0, d.cout, red, partial_sum);
+    store_block_partials(sumsq, tc, tp, threads_c, threads_p, c0, d.cout, red, partial_sumsq);
   }
 }
 
-// Training statistics of channel blockIdx.x over its M = N*Hout*Wout values:
-// mean = sum / M, var = sum(r^2) / M - mean^2 (biased, as BN normalises with),
-// both from double sums; then the affine coefficients of y.
+// Training statistics of channel blockIdx.x over its M = N*Hout*Wout values
+// (mean = sum / M, biased var = sum(r^2) / M - mean^2, in double from the
+// partials), then BN's affine map y = r * scale + shift, rounded to scalar_t
+// as the CPU rounds it.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) batch_stats_forward_kernel(
-    const double* __restrict__ partial_sum, const double* __restrict__ partial_sumsq,
-    int64_t chunks, int64_t count, const scalar_t* __restrict__ bn_weight,
-    const scalar_t* __restrict__ bn_bias, double eps, scalar_t* __restrict__ mean_out,
-    scalar_t* __restrict__ var_out, double* __restrict__ scale, double* __restrict__ shift) {
-  __shared__ double shm[kThreads];
+__global__ void __launch_bounds__(kReduceRowsMax) batch_stats_forward_kernel(
+    const double* __restrict__ partial_sum, const double* __restrict__ partial_sumsq, int64_t chunks, int64_t count,
+    const scalar_t* __restrict__ bn_weight, const scalar_t* __restrict__ bn_bias, double eps,
+    scalar_t* __restrict__ mean_out, scalar_t* __restrict__ var_out, scalar_t* __restrict__ scale,
+    scalar_t* __restrict__ shift) {
+  __shared__ double shm[kReduceRowsMax];
   const int64_t c = blockIdx.x;
   const double sum = block_row_sum(partial_sum + c * chunks, chunks, shm);
   const double sumsq = block_row_sum(partial_sumsq + c * chunks, chunks, shm);
   if (threadIdx.x == 0) {
-    const double mean = sum / static_cast<double>(count);
-    const double var = fmax(sumsq / static_cast<double>(count) - mean * mean, 0.0);
-    mean_out[c] = static_cast<scalar_t>(mean);
-    var_out[c] = static_cast<scalar_t>(var);
-    bn_affine_coefficients(mean, var, static_cast<double>(bn_weight[c]),
-                           static_cast<double>(bn_bias[c]), eps, &scale[c], &shift[c]);
+    const double mean = sum / double(count);
+    const double var = fmax(sumsq / double(count) - mean * mean, 0.0);
+    mean_out[c] = scalar_t(mean);
+    var_out[c] = scalar_t(var);
+    const double s = double(bn_weight[c]) / sqrt(var + eps);
+    scale[c] = scalar_t(s);
+    shift[c] = scalar_t(double(bn_bias[c]) - mean * s);
   }
 }
 
-// Eval: the affine coefficients of y from the running statistics.
+// Eval: the affine map from the running statistics.
 template <typename scalar_t>
-__global__ void bn_eval_coefficients_forward_kernel(
-    const scalar_t* __restrict__ mean, const scalar_t* __restrict__ var,
-    const scalar_t* __restrict__ bn_weight, const scalar_t* __restrict__ bn_bias, double eps,
-    int64_t channels, double* __restrict__ scale, double* __restrict__ shift) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+__global__ void bn_eval_affine_forward_kernel(const scalar_t* __restrict__ mean, const scalar_t* __restrict__ var,
+                                              const scalar_t* __restrict__ bn_weight,
+                                              const scalar_t* __restrict__ bn_bias, double eps, int channels,
+                                              scalar_t* __restrict__ scale, scalar_t* __restrict__ shift) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c < channels) {
-    bn_affine_coefficients(static_cast<double>(mean[c]), static_cast<double>(var[c]),
-                           static_cast<double>(bn_weight[c]), static_cast<double>(bn_bias[c]),
-                           eps, &scale[c], &shift[c]);
+    const double s = double(bn_weight[c]) / sqrt(double(var[c]) + eps);
+    scale[c] = scalar_t(s);
+    shift[c] = scalar_t(double(bn_bias[c]) - double(mean[c]) * s);
   }
 }
 
-// y = r * scale[c] + shift[c], in double, rounded once.
+// y = r * (scale[c] s[n, c]) + shift[c] s[n, c]: the channel scale (dropout)
+// folds into the affine map, as on the CPU; no pass of its own.
 template <typename scalar_t>
-__global__ void bn_normalize_forward_kernel(const scalar_t* __restrict__ relu_out,
-                                            const double* __restrict__ scale,
-                                            const double* __restrict__ shift, int64_t numel,
-                                            int64_t channels, scalar_t* __restrict__ y) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += step) {
-    const int64_t c = i % channels;
-    y[i] = static_cast<scalar_t>(static_cast<double>(relu_out[i]) * scale[c] + shift[c]);
+__global__ void bn_normalize_forward_kernel(const scalar_t* __restrict__ r, const scalar_t* __restrict__ scale,
+                                            const scalar_t* __restrict__ shift,
+                                            const scalar_t* __restrict__ channel_scale, int64_t numel,
+                                            int channels, int64_t per_image, scalar_t* __restrict__ y) {
+  const int64_t step = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < numel; i += step) {
+    const int c = int(i % channels);
+    scalar_t a = scale[c], b = shift[c];
+    if (channel_scale != nullptr) {
+      const scalar_t s = channel_scale[(i / per_image) * channels + c];
+      a *= s;
+      b *= s;
+    }
+    y[i] = fma(r[i], a, b);
   }
 }
 
 // --------------------------------------------------------------- backward
 
 // Per-block partials of sum(dy) and sum(dy * xhat) per channel, with
-// xhat = (r - mean) * invstd, invstd = 1 / sqrt(var + eps).
+// dy = grad_y * s[n, c] and xhat = (r - mean) * invstd. Same tiling as the
+// convolution (kTileP pixels x kTileC channels per thread).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bn_grad_partials_backward_kernel(
-    const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ relu_out,
-    const scalar_t* __restrict__ mean, const scalar_t* __restrict__ var, double eps,
-    int64_t pixels, int64_t channels, int64_t pixels_per_chunk,
+    const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ r, const scalar_t* __restrict__ channel_scale,
+    const scalar_t* __restrict__ mean, const scalar_t* __restrict__ var, double eps, int64_t pixels,
+    int64_t pixels_per_image, int channels, int threads_c, int threads_p, int tile_channels,
     double* __restrict__ partial_dy, double* __restrict__ partial_dy_xhat) {
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * pixels_per_chunk;
-  const int64_t end = begin + pixels_per_chunk < pixels ? begin + pixels_per_chunk : pixels;
-  double sum_dy = 0.0;
-  double sum_dy_xhat = 0.0;
-  if (c < channels) {
-    const double m = static_cast<double>(mean[c]);
-    const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
-    for (int64_t p = begin + threadIdx.y; p < end; p += blockDim.y) {
-      const int64_t i = p * channels + c;
-      const double dy = static_cast<double>(grad_y[i]);
-      sum_dy += dy;
-      sum_dy_xhat += dy * (static_cast<double>(relu_out[i]) - m) * invstd;
+  const int tc = threadIdx.x % threads_c, tp = threadIdx.x / threads_c;
+  const int c0 = blockIdx.y * tile_channels;
+  const int tile_c = min(tile_channels, channels - c0);
+  const int64_t first = int64_t{blockIdx.x} * threads_p * kTileP;
+  double sdy[kTileC] = {}, sdyx[kTileC] = {};
+#pragma unroll
+  for (int t = 0; t < kTileC; ++t) {
+    if (tc * kTileC + t >= tile_c) continue;
+    const int c = c0 + tc * kTileC + t;
+    const double m = double(mean[c]), invstd = 1.0 / sqrt(double(var[c]) + eps);
+    for (int k = 0; k < kTileP; ++k) {
+      const int64_t p = first + tp + int64_t{k} * threads_p;
+      if (p >= pixels) break;
+      double dy = double(grad_y[p * channels + c]);
+      if (channel_scale != nullptr) dy *= double(channel_scale[(p / pixels_per_image) * channels + c]);
+      sdy[t] += dy;
+      sdyx[t] += dy * (double(r[p * channels + c]) - m) * invstd;
     }
   }
-  store_channel_partials(sum_dy, sum_dy_xhat, c, channels, partial_dy, partial_dy_xhat);
+  __shared__ double red[kThreads * kTileC];
+  store_block_partials(sdy, tc, tp, threads_c, threads_p, c0, channels, red, partial_dy);
+  store_block_partials(sdyx, tc, tp, threads_c, threads_p, c0, channels, red, partial_dy_xhat);
 }
 
-// BN backward through y = xhat * w + b, xhat = (r - mean) * invstd, over the
-// M = N*Hout*Wout values of a channel:
-//   grad_bn_bias   = sum(dy)
-//   grad_bn_weight = sum(dy * xhat)
-//   training: dr = w * invstd * (dy - sum(dy)/M - xhat * sum(dy * xhat)/M)
-//   eval:     dr = w * invstd * dy            (mean and var are constants)
-// This kernel reduces the partials of channel blockIdx.x and stores, for
-// bn_relu_backward_kernel, coef[c] = {w * invstd, sum(dy)/M, mean,
-// invstd * sum(dy * xhat)/M} (the two means are 0 in eval), so that
-//   dr = coef0 * (dy - coef1 - (r - coef2) * coef3).
+// BN backward through y = xhat * w + b over the M values of a channel:
+//   grad_bn_bias = sum(dy), grad_bn_weight = sum(dy * xhat)
+//   training: dr = w invstd (dy - sum(dy)/M - xhat sum(dy xhat)/M) = a dy + b r + d
+//   eval:     dr = w invstd dy = a dy      (no r term: a NaN r gives no NaN gradient)
+// with a = w invstd, b = -a k, d = a (k mean - sum(dy)/M), k = invstd sum(dy xhat)/M,
+// stored as coef[c] = {a, b, d} in scalar_t, exactly the CPU's coefficients.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) bn_grad_finalize_backward_kernel(
-    const double* __restrict__ partial_dy, const double* __restrict__ partial_dy_xhat,
-    int64_t chunks, int64_t count, const scalar_t* __restrict__ bn_weight,
-    const scalar_t* __restrict__ mean, const scalar_t* __restrict__ var, double eps,
-    bool training, scalar_t* __restrict__ grad_bn_weight, scalar_t* __restrict__ grad_bn_bias,
-    double* __restrict__ coef) {
-  __shared__ double shm[kThreads];
+__global__ void __launch_bounds__(kReduceRowsMax) bn_grad_finalize_backward_kernel(
+    const double* __restrict__ partial_dy, const double* __restrict__ partial_dy_xhat, int64_t chunks, int64_t count,
+    const scalar_t* __restrict__ bn_weight, const scalar_t* __restrict__ mean, const scalar_t* __restrict__ var,
+    double eps, bool training, scalar_t* __restrict__ grad_bn_weight, scalar_t* __restrict__ grad_bn_bias,
+    scalar_t* __restrict__ coef) {
+  __shared__ double shm[kReduceRowsMax];
   const int64_t c = blockIdx.x;
   const double sum_dy = block_row_sum(partial_dy + c * chunks, chunks, shm);
   const double sum_dy_xhat = block_row_sum(partial_dy_xhat + c * chunks, chunks, shm);
   if (threadIdx.x == 0) {
-    grad_bn_bias[c] = static_cast<scalar_t>(sum_dy);
-    grad_bn_weight[c] = static_cast<scalar_t>(sum_dy_xhat);
-    const double invstd = 1.0 / sqrt(static_cast<double>(var[c]) + eps);
-    const double m = static_cast<double>(count);
-    coef[4 * c + 0] = static_cast<double>(bn_weight[c]) * invstd;
-    coef[4 * c + 1] = training ? sum_dy / m : 0.0;
-    coef[4 * c + 2] = static_cast<double>(mean[c]);
-    coef[4 * c + 3] = training ? invstd * sum_dy_xhat / m : 0.0;
+    grad_bn_bias[c] = scalar_t(sum_dy);
+    grad_bn_weight[c] = scalar_t(sum_dy_xhat);
+    const double invstd = 1.0 / sqrt(double(var[c]) + eps);
+    const double gi = double(bn_weight[c]) * invstd;
+    const double m = double(count);
+    const double k = sum_dy_xhat / m * invstd;
+    coef[3 * c + 0] = scalar_t(gi);
+    coef[3 * c + 1] = training ? scalar_t(-gi * k) : scalar_t(0);
+    coef[3 * c + 2] = training ? scalar_t(gi * (k * double(mean[c]) - sum_dy / m)) : scalar_t(0);
   }
 }
 
-// dz = dr where r > 0 else 0: BN's dr (formula above) and ReLU's backward
-// (threshold on the output, as torch's threshold_backward) in one pass.
+// dz = r <= 0 ? 0 : a s[n, c] grad_y + b r + d (ReLU's gradient as torch's
+// threshold_backward: it passes where r is NaN), and per-block partial
+// sum(dz) per channel for grad_bias.
 template <typename scalar_t>
-__global__ void bn_relu_backward_kernel(const scalar_t* __restrict__ grad_y,
-                                        const scalar_t* __restrict__ relu_out,
-                                        const double* __restrict__ coef, int64_t numel,
-                                        int64_t channels, scalar_t* __restrict__ grad_z) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += step) {
-    const int64_t c = i % channels;
-    const scalar_t r = relu_out[i];
-    double dz = 0.0;
-    if (r > scalar_t(0)) {
-      const double* k = coef + 4 * c;
-      dz = k[0] * (static_cast<double>(grad_y[i]) - k[1] - (static_cast<double>(r) - k[2]) * k[3]);
+__global__ void __launch_bounds__(kThreads) bn_relu_backward_kernel(
+    const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ r, const scalar_t* __restrict__ channel_scale,
+    const scalar_t* __restrict__ coef, bool training, int64_t pixels, int64_t pixels_per_image, int channels,
+    int threads_c, int threads_p, int tile_channels, scalar_t* __restrict__ dz, double* __restrict__ partial_dz) {
+  const int tc = threadIdx.x % threads_c, tp = threadIdx.x / threads_c;
+  const int c0 = blockIdx.y * tile_channels;
+  const int tile_c = min(tile_channels, channels - c0);
+  const int64_t first = int64_t{blockIdx.x} * threads_p * kTileP;
+  double sdz[kTileC] = {};
+#pragma unroll
+  for (int t = 0; t < kTileC; ++t) {
+    if (tc * kTileC + t >= tile_c) continue;
+    const int c = c0 + tc * kTileC + t;
+    const scalar_t a = coef[3 * c], b = coef[3 * c + 1], d = coef[3 * c + 2];
+    for (int k = 0; k < kTileP; ++k) {
+      const int64_t p = first + tp + int64_t{k} * threads_p;
+      if (p >= pixels) break;
+      const int64_t i = p * channels + c;
+      const scalar_t rv = r[i];
+      scalar_t an = a;
+      if (channel_scale != nullptr) an *= channel_scale[(p / pixels_per_image) * channels + c];
+      scalar_t v = an * grad_y[i];
+      if (training) v = v + b * rv + d;
+      v = rv <= scalar_t(0) ? scalar_t(0) : v;
+      dz[i] = v;
+      sdz[t] += double(v);
     }
-    grad_z[i] = static_cast<scalar_t>(dz);
   }
+  __shared__ double red[kThreads * kTileC];
+  store_block_partials(sdz, tc, tp, threads_c, threads_p, c0, channels, red, partial_dz);
 }
 
-// Partial weight and bias gradients over the pixel chunk blockIdx.y:
-//   grad_weight[co, ci, i, j] = sum_p dz[p, co] * x[n, ho + i - pad, wo + j - pad, ci]
-//   grad_bias[co]             = sum_p dz[p, co]
-// Output o < KH*KW*Cin*Cout is the weight entry ((i*KW + j)*Cin + ci)*Cout + co
-// (neighbouring threads take neighbouring co, so dz reads coalesce); the last
-// Cout outputs are the bias. Stores partial[o * gridDim.y + chunk].
+// out[row] = sum of partial[row, 0..chunks) in a fixed order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kReduceRowsMax) row_sum_kernel(const double* __restrict__ partial, int64_t chunks,
+                                                                 scalar_t* __restrict__ out) {
+  __shared__ double shm[kReduceRowsMax];
+  const double total = block_row_sum(partial + int64_t{blockIdx.x} * chunks, chunks, shm);
+  if (threadIdx.x == 0) out[blockIdx.x] = scalar_t(total);
+}
+
+// Weight gradient as a tiled split-K GEMM over pixels:
+//   gw[k, c] = sum_p patch(p)[k] dz[p, c],  k = (i * KW + j) * Cin + ci
+// Block (kt, ct, chunk) owns a tile of kTileK rows x up to kMaxTileChannels
+// columns and the pixels of its chunk; kWPix pixels at a time are staged in
+// shared memory (the patch rows and the dz rows), and each thread accumulates
+// a kTileC x kTileC register tile with fp32 FMAs. The block's tile goes to
+// partial[chunk, k, c] (scalar_t); weight_reduce_backward_kernel adds the
+// chunks in order, in double.
+constexpr int kWPix = 32;
+constexpr int kTileK = 64;
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) conv_weight_partials_backward_kernel(
-    const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ x, ConvShape s,
-    int64_t pixels_per_chunk, int64_t outputs, double* __restrict__ partial) {
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ dz, ConvDims d, int64_t pixels_per_chunk,
+    int threads_c, int tile_channels, scalar_t* __restrict__ partial) {
+  __shared__ scalar_t xs[kWPix][kTileK];
+  __shared__ scalar_t zs[kWPix][kMaxTileChannels];
+  __shared__ int kh_of[kTileK], kw_of[kTileK], ci_of[kTileK];
+  __shared__ int64_t pix_image[kWPix];
+  __shared__ int pix_h[kWPix], pix_w[kWPix];
+  const int K = d.kh * d.kw * d.cin;
+  const int k0 = blockIdx.x * kTileK, c0 = blockIdx.y * tile_channels;
+  const int tile_c = min(tile_channels, d.cout - c0);
+  const int tc = threadIdx.x % threads_c, tk = threadIdx.x / threads_c;  // tk < kTileK / kTileC
+  const bool active = tk < kTileK / kTileC;
+  for (int e = threadIdx.x; e < kTileK; e += blockDim.x) {
+    const int k = k0 + e;
+    const int tap = k / d.cin;
+    ci_of[e] = k < K ? k - tap * d.cin : -1;
+    kh_of[e] = tap / d.kw;
+    kw_of[e] = tap - (tap / d.kw) * d.kw;
+  }
+  const int pixels_per_image = d.hout * d.wout;
+  const int64_t total = int64_t{d.n} * pixels_per_image;
+  const int64_t begin = int64_t{blockIdx.z} * pixels_per_chunk;
+  const int64_t end = min(begin + pixels_per_chunk, total);
+  scalar_t acc[kTileC][kTileC] = {};
+  for (int64_t p0 = begin; p0 < end; p0 += kWPix) {
+    __syncthreads();  // the previous stage is no longer read (and the k tables are written)
+    for (int e = threadIdx.x; e < kWPix; e += blockDim.x) {
+      const int64_t p = p0 + e;
+      if (p < end) {
+        const int64_t n = p / pixels_per_image;
+        const int q = int(p - n * pixels_per_image);
+        pix_image[e] = n * d.h * d.w * d.cin;
+        pix_h[e] = q / d.wout;
+        pix_w[e] = q - pix_h[e] * d.wout;
+      } else {
+        pix_image[e] = -1;
+      }
+    }
+    for (int e = threadIdx.x; e < kWPix * kMaxTileChannels; e += blockDim.x) {
+      const int q = e / kMaxTileChannels, cl = e - q * kMaxTileChannels;
+      const int64_t p = p0 + q;
+      zs[q][cl] = (p < end && cl < tile_c) ? dz[p * d.cout + c0 + cl] : scalar_t(0);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kWPix * kTileK; e += blockDim.x) {
+      const int q = e / kTileK, kl = e - q * kTileK;
+      scalar_t v = scalar_t(0);
+      if (pix_image[q] >= 0 && ci_of[kl] >= 0) {
+        const int hi = pix_h[q] + kh_of[kl] - d.ph, wi = pix_w[q] + kw_of[kl] - d.pw;
+        if (hi >= 0 && hi < d.h && wi >= 0 && wi < d.w) v = x[pix_image[q] + (int64_t{hi} * d.w + wi) * d.cin + ci_of[kl]];
+      }
+      xs[q][kl] = v;
+    }
+    __syncthreads();
+    if (active) {
+      for (int q = 0; q < kWPix; ++q) {
+        scalar_t xv[kTileC], zv[kTileC];
+#pragma unroll
+        for (int a = 0; a < kTileC; ++a) xv[a] = xs[q][tk * kTileC + a];
+#pragma unroll
+        for (int b = 0; b < kTileC; ++b) zv[b] = zs[q][min(tc * kTileC + b, kMaxTileChannels - 1)];
+#pragma unroll
+        for (int a = 0; a < kTileC; ++a)
+#pragma unroll
+          for (int b = 0; b < kTileC; ++b) acc[a][b] = fma(xv[a], zv[b], acc[a][b]);
+      }
+    }
+  }
+  if (!active) return;
+  scalar_t* out = partial + int64_t{blockIdx.z} * K * d.cout;
+#pragma unroll
+  for (int a = 0; a < kTileC; ++a) {
+    const int k = k0 + tk * kTileC + a;
+    if (k >= K) continue;
+#pragma unroll
+    for (int b = 0; b < kTileC; ++b) {
+      const int cl = tc * kTileC + b;
+      if (cl < tile_c) out[int64_t{k} * d.cout + c0 + cl] = acc[a][b];
+    }
+  }
+}
+
+// grad_weight[co, ci, i, j] = sum over chunks (in order, in double) of
+// partial[chunk, (i * KW + j) * Cin + ci, co], written through the weight's
+// strides: grad_weight comes in the weight's own memory format.
+template <typename scalar_t>
+__global__ void weight_reduce_backward_kernel(const scalar_t* __restrict__ partial, int64_t chunks, ConvDims d,
+                                              int64_t s0, int64_t s1, int64_t s2, int64_t s3,
+                                              scalar_t* __restrict__ grad_weight) {
+  const int64_t outputs = int64_t{d.kh} * d.kw * d.cin * d.cout;
+  const int64_t o = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (o >= outputs) return;
-  const int64_t total = s.pixels();
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * pixels_per_chunk;
-  const int64_t end = begin + pixels_per_chunk < total ? begin + pixels_per_chunk : total;
-  const int64_t co = o % s.cout;
-  const bool is_bias = o >= s.kh * s.kw * s.cin * s.cout;
-  int64_t ci = 0, i = 0, j = 0;
-  if (!is_bias) {
-    const int64_t t = o / s.cout;
-    ci = t % s.cin;
-    i = (t / s.cin) / s.kw;
-    j = (t / s.cin) % s.kw;
-  }
-  // Walk the chunk's pixels with counters, not a division per pixel.
-  int64_t wo = begin % s.wout;
-  int64_t ho = (begin / s.wout) % s.hout;
-  int64_t n = begin / (s.wout * s.hout);
   double acc = 0.0;
-  for (int64_t p = begin; p < end; ++p) {
-    if (is_bias) {
-      acc += static_cast<double>(grad_z[p * s.cout + co]);
-    } else {
-      const int64_t hi = ho + i - s.pad;
-      const int64_t wi = wo + j - s.pad;
-      if (hi >= 0 && hi < s.h && wi >= 0 && wi < s.w) {
-        acc += static_cast<double>(grad_z[p * s.cout + co]) *
-               static_cast<double>(x[((n * s.h + hi) * s.w + wi) * s.cin + ci]);
-      }
-    }
-    if (++wo == s.wout) {
-      wo = 0;
-      if (++ho == s.hout) {
-        ho = 0;
-        ++n;
-      }
-    }
-  }
-  partial[o * gridDim.y + blockIdx.y] = acc;
-}
-
-// Reduces output blockIdx.x's partials over the chunks and writes it to
-// grad_weight (contiguous (Cout, Cin, KH, KW)) or grad_bias.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) conv_weight_reduce_backward_kernel(
-    const double* __restrict__ partial, int64_t chunks, ConvShape s,
-    scalar_t* __restrict__ grad_weight, scalar_t* __restrict__ grad_bias) {
-  __shared__ double shm[kThreads];
-  const int64_t o = blockIdx.x;
-  const double total = block_row_sum(partial + o * chunks, chunks, shm);
-  if (threadIdx.x == 0) {
-    const int64_t co = o % s.cout;
-    const int64_t t = o / s.cout;
-    if (t >= s.kh * s.kw * s.cin) {
-      grad_bias[co] = static_cast<scalar_t>(total);
-    } else {
-      const int64_t ci = t % s.cin;
-      const int64_t tap = t / s.cin;  // i * KW + j
-      grad_weight[(co * s.cin + ci) * s.kh * s.kw + tap] = static_cast<scalar_t>(total);
-    }
-  }
-}
-
-// Transposed convolution (a gather, so no atomics):
-//   grad_x[n, hi, wi, ci] = sum_{co, i, j} dz[n, hi - i + pad, wi - j + pad, co]
-//                                          * weight[co, ci, i, j]
-// over the (ho, wo) inside the output; weight_t is the weight as
-// (KH, KW, Cout, Cin) so neighbouring threads (ci) read neighbouring weights.
-template <typename scalar_t>
-__global__ void conv_input_backward_kernel(const scalar_t* __restrict__ grad_z,
-                                           const scalar_t* __restrict__ weight_t, ConvShape s,
-                                           int64_t numel, scalar_t* __restrict__ grad_x) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tap_stride = s.cout * s.cin;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < numel;
-       idx += step) {
-    const int64_t ci = idx % s.cin;
-    const int64_t wi = (idx / s.cin) % s.w;
-    const int64_t hi = (idx / (s.cin * s.w)) % s.h;
-    const int64_t n = idx / (s.cin * s.w * s.h);
-    double acc = 0.0;
-    for (int64_t i = 0; i < s.kh; ++i) {
-      const int64_t ho = hi + s.pad - i;
-      if (ho < 0 || ho >= s.hout) continue;
-      for (int64_t j = 0; j < s.kw; ++j) {
-        const int64_t wo = wi + s.pad - j;
-        if (wo < 0 || wo >= s.wout) continue;
-        const scalar_t* dzp = grad_z + ((n * s.hout + ho) * s.wout + wo) * s.cout;
-        const scalar_t* wp = weight_t + (i * s.kw + j) * tap_stride + ci;
-        for (int64_t co = 0; co < s.cout; ++co, wp += s.cin) {
-          acc += static_cast<double>(dzp[co]) * static_cast<double>(*wp);
-        }
-      }
-    }
-    grad_x[idx] = static_cast<scalar_t>(acc);
-  }
+  for (int64_t ch = 0; ch < chunks; ++ch) acc += double(partial[ch * outputs + o]);
+  const int co = int(o % d.cout);
+  const int64_t k = o / d.cout;
+  const int ci = int(k % d.cin);
+  const int tap = int(k / d.cin);
+  const int i = tap / d.kw, j = tap % d.kw;
+  grad_weight[co * s0 + ci * s1 + i * s2 + j * s3] = scalar_t(acc);
 }
 
 // ------------------------------------------------------------ host side
 
-void check_like_x(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type());
-}
-
-void check_channel_vector(const at::Tensor& t, const char* op, const char* name,
-                          const at::Tensor& x, int64_t channels) {
-  check_like_x(t, op, name, x);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, op, ": ", name, " must have shape (",
-              channels, ",) to match weight's output channels, got ", t.sizes());
-}
-
-// Checks x and weight and returns the convolution's shape.
-ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, int64_t padding,
-                     const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
-  check_like_x(weight, op, "weight", x);
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (Cout, Cin, KH, KW), got shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight has ", weight.size(1),
-              " input channels but x has ", x.size(1), " (x ", x.sizes(), ", weight ",
-              weight.sizes(), ")");
-  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(x.size(0) > 0, op, ": batch size must be >= 1, got x of shape ", x.sizes());
-  TORCH_CHECK(weight.size(0) > 0 && weight.size(2) > 0 && weight.size(3) > 0, op,
-              ": weight must have at least one output channel and a non-empty kernel, got ",
-              weight.sizes());
-  ConvShape s;
-  s.n = x.size(0);
-  s.cin = x.size(1);
-  s.h = x.size(2);
-  s.w = x.size(3);
-  s.cout = weight.size(0);
-  s.kh = weight.size(2);
-  s.kw = weight.size(3);
-  s.pad = padding;
-  s.hout = s.h + 2 * padding - s.kh + 1;
-  s.wout = s.w + 2 * padding - s.kw + 1;
-  TORCH_CHECK(s.hout > 0 && s.wout > 0, op, ": kernel ", weight.sizes(),
-              " is larger than the padded input ", x.sizes(), " with padding ", padding);
-  return s;
-}
-
-// channel_scale (N, Cout) as a broadcastable (N, Cout, 1, 1) view, or an
-// undefined tensor. On the GPU it is applied with one elementwise multiply
-// (forward on y, backward on grad_y) rather than inside our kernels.
-at::Tensor channel_scale_view(const std::optional<at::Tensor>& channel_scale, const char* op,
-                              const at::Tensor& x, const ConvShape& s) {
-  if (!channel_scale.has_value()) return at::Tensor();
-  const at::Tensor& t = *channel_scale;
-  check_like_x(t, op, "channel_scale", x);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == s.n && t.size(1) == s.cout, op,
-              ": channel_scale must have shape (", s.n, ", ", s.cout,
-              ") (batch, output channels), got ", t.sizes());
-  return t.view({s.n, s.cout, 1, 1});
+// Sizes inside one image are indexed in int32.
+void check_int32_images(const char* op, const fastmnist::ConvGeometry& g) {
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(g.h * g.w * g.cin < limit && g.hout * g.wout * g.cout < limit &&
+                  g.hout * g.wout * std::max(g.cin, g.cout) < limit && g.patch() * g.cout < limit,
+              op, ": an image of ", g.h, "x", g.w, "x", g.cin, " (output ", g.hout, "x", g.wout, "x", g.cout,
+              ") is too large for the CUDA kernels' 32-bit indexing");
 }
 
 at::Tensor empty_channels_last(const at::Tensor& x, int64_t n, int64_t c, int64_t h, int64_t w) {
   return at::empty({n, c, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& running_mean,
-    const at::Tensor& running_var, bool training, double eps, int64_t padding,
-    const std::optional<at::Tensor>& channel_scale) {
-  const char* op = "conv_relu_bn";
-  const ConvShape s = conv_shape(x, weight, padding, op);
-  const at::Tensor scale_view = channel_scale_view(channel_scale, op, x, s);
-  check_channel_vector(bias, op, "bias", x, s.cout);
-  check_channel_vector(bn_weight, op, "bn_weight", x, s.cout);
-  check_channel_vector(bn_bias, op, "bn_bias", x, s.cout);
-  check_channel_vector(running_mean, op, "running_mean", x, s.cout);
-  check_channel_vector(running_var, op, "running_var", x, s.cout);
-  const int64_t pixels = s.pixels();
-  TORCH_CHECK(!training || pixels > 1, op,
-              ": expected more than 1 value per channel when training, got output shape (",
-              s.n, ", ", s.cout, ", ", s.hout, ", ", s.wout, ")");
+template <typename scalar_t>
+void launch_conv(const at::Tensor& in_nhwc, const at::Tensor& wt, const scalar_t* bias, at::Tensor& out,
+                 double* partial_sum, double* partial_sumsq, const ConvDims& d, const Tiling& t, bool relu,
+                 cudaStream_t stream) {
+  conv_forward_kernel<scalar_t><<<t.grid(), t.block(), 0, stream>>>(
+      in_nhwc.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), bias, out.mutable_data_ptr<scalar_t>(),
+      partial_sum, partial_sumsq, d, t.threads_c, t.threads_p, t.tile_channels, relu);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
-  const c10::cuda::CUDAGuard device_guard(x.device());
+unsigned elementwise_blocks(int64_t numel) {
+  return unsigned(std::min<int64_t>(ceil_div(numel, kThreads), int64_t{1} << 20));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_cuda(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight,
+    const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
+    double eps, int64_t padding, const std::optional<at::Tensor>& channel_scale_in) {
+  const fastmnist::ConvGeometry g = fastmnist::check_conv_inputs(kOp, x_in, weight, padding);
+  const at::Tensor* channel_scale = fastmnist::check_channel_scale(kOp, channel_scale_in, x_in, g.n, g.cout);
+  fastmnist::check_channel_vector(kOp, bias, x_in, g.cout, "bias");
+  fastmnist::check_channel_vector(kOp, bn_weight, x_in, g.cout, "bn_weight");
+  fastmnist::check_channel_vector(kOp, bn_bias, x_in, g.cout, "bn_bias");
+  fastmnist::check_channel_vector(kOp, running_mean, x_in, g.cout, "running_mean");
+  fastmnist::check_channel_vector(kOp, running_var, x_in, g.cout, "running_var");
+  TORCH_CHECK(!training || g.n * g.pixels() > 1, kOp,
+              ": expected more than 1 value per channel when training, got output of ", g.n, "x", g.pixels(),
+              " pixels per channel (input ", x_in.sizes(), ")");
+  TORCH_INTERNAL_ASSERT(x_in.is_cuda());
+  check_int32_images(kOp, g);
+  // The ATen calls below are our internals, not ops autograd should record.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor weight_t = weight.permute({2, 3, 1, 0}).contiguous();  // (KH, KW, Cin, Cout)
-  const at::Tensor bias_c = bias.contiguous();
-  const at::Tensor bn_weight_c = bn_weight.contiguous();
-  const at::Tensor bn_bias_c = bn_bias.contiguous();
-  at::Tensor y = empty_channels_last(x, s.n, s.cout, s.hout, s.wout);
-  at::Tensor relu_out = empty_channels_last(x, s.n, s.cout, s.hout, s.wout);
-  at::Tensor mean = at::empty({s.cout}, x.options());
-  at::Tensor var = at::empty({s.cout}, x.options());
-  if (!training) {
-    mean.copy_(running_mean);
-    var.copy_(running_var);
-  }
-  const at::TensorOptions f64 = x.options().dtype(at::kDouble);
-  at::Tensor affine = at::empty({2, s.cout}, f64);  // scale, shift
-  const ChannelTiling tiling = make_channel_tiling(pixels, s.cout);
-  at::Tensor partials = training ? at::empty({2, s.cout, tiling.chunks}, f64) : at::Tensor();
+
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // (KH, KW, Cin, Cout)
+  const at::Tensor bias_c = bias.contiguous(), gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
+  const at::Tensor scale_c = channel_scale ? channel_scale->contiguous() : at::Tensor();
+  at::Tensor relu_out = empty_channels_last(x, g.n, g.cout, g.hout, g.wout);
+  at::Tensor y = empty_channels_last(x, g.n, g.cout, g.hout, g.wout);
+  at::Tensor mean = training ? at::empty({g.cout}, x.options()) : running_mean.clone(at::MemoryFormat::Contiguous);
+  at::Tensor var = training ? at::empty({g.cout}, x.options()) : running_var.clone(at::MemoryFormat::Contiguous);
+  at::Tensor affine = at::empty({2, g.cout}, x.options());  // scale, shift
+  const int64_t pixels = g.n * g.pixels();
+  const ConvDims d = forward_dims(g);
+  const Tiling t = make_tiling(pixels, g.cout, kTileP);
+  at::Tensor partials = training ? at::empty({2, g.cout, t.blocks_p}, x.options().dtype(at::kDouble)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_cuda", [&] {
-    double* scale = affine.data_ptr<double>();
-    double* shift = scale + s.cout;
-    double* partial_sum = training ? partials.data_ptr<double>() : nullptr;
-    double* partial_sumsq = training ? partial_sum + s.cout * tiling.chunks : nullptr;
-    conv_bias_relu_forward_kernel<scalar_t><<<tiling.grid, tiling.block, 0, stream>>>(
-        x_nhwc.data_ptr<scalar_t>(), weight_t.data_ptr<scalar_t>(), bias_c.data_ptr<scalar_t>(),
-        relu_out.data_ptr<scalar_t>(), partial_sum, partial_sumsq, s, tiling.pixels_per_chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    double* psum = training ? partials.data_ptr<double>() : nullptr;
+    double* psumsq = training ? psum + g.cout * t.blocks_p : nullptr;
+    launch_conv<scalar_t>(x, wt, bias_c.const_data_ptr<scalar_t>(), relu_out, psum, psumsq, d, t, true, stream);
+    scalar_t* scale = affine.mutable_data_ptr<scalar_t>();
+    scalar_t* shift = scale + g.cout;
     if (training) {
-      batch_stats_forward_kernel<scalar_t><<<static_cast<unsigned>(s.cout), kThreads, 0, stream>>>(
-          partial_sum, partial_sumsq, tiling.chunks, pixels, bn_weight_c.data_ptr<scalar_t>(),
-          bn_bias_c.data_ptr<scalar_t>(), eps, mean.data_ptr<scalar_t>(),
-          var.data_ptr<scalar_t>(), scale, shift);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      batch_stats_forward_kernel<scalar_t><<<unsigned(g.cout), kReduceRowsMax, 0, stream>>>(
+          psum, psumsq, t.blocks_p, pixels, gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(), eps,
+          mean.mutable_data_ptr<scalar_t>(), var.mutable_data_ptr<scalar_t>(), scale, shift);
     } else {
-      bn_eval_coefficients_forward_kernel<scalar_t>
-          <<<static_cast<unsigned>(ceil_div(s.cout, kThreads)), kThreads, 0, stream>>>(
-              mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
-              bn_weight_c.data_ptr<scalar_t>(), bn_bias_c.data_ptr<scalar_t>(), eps, s.cout,
-              scale, shift);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bn_eval_affine_forward_kernel<scalar_t><<<unsigned(ceil_div(g.cout, kThreads)), kThreads, 0, stream>>>(
+          mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
+          beta.const_data_ptr<scalar_t>(), eps, int(g.cout), scale, shift);
     }
-    const int64_t numel = pixels * s.cout;
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t numel = pixels * g.cout;
     bn_normalize_forward_kernel<scalar_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
-        relu_out.data_ptr<scalar_t>(), scale, shift, numel, s.cout, y.data_ptr<scalar_t>());
+        relu_out.const_data_ptr<scalar_t>(), scale, shift,
+        scale_c.defined() ? scale_c.const_data_ptr<scalar_t>() : nullptr, numel, int(g.cout), g.pixels() * g.cout,
+        y.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (scale_view.defined()) y.mul_(scale_view);
   return std::make_tuple(y, relu_out, mean, var);
 }
 
-void check_activation(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x,
-                      const ConvShape& s) {
-  check_like_x(t, op, name, x);
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == s.n && t.size(1) == s.cout && t.size(2) == s.hout &&
-                  t.size(3) == s.wout,
-              op, ": ", name, " must have the output shape (", s.n, ", ", s.cout, ", ", s.hout,
-              ", ", s.wout, "), got ", t.sizes());
+// Pixel chunks of the weight gradient: about 4 blocks per SM-sized slice of
+// the grid in all, at least kWPix pixels a chunk.
+int64_t weight_grad_chunks(int64_t pixels, int64_t tiles) {
+  const int64_t wanted = std::max<int64_t>(1, 1024 / tiles);
+  return std::max<int64_t>(1, std::min({wanted, ceil_div(pixels, 4 * kWPix), kMaxGrid}));
 }
 
-// Number of pixel chunks for the weight gradient: enough threads to fill the
-// GPU, at least 32 pixels a chunk, at most kMaxGridY chunks.
-int64_t weight_grad_chunks(int64_t pixels, int64_t outputs) {
-  const int64_t wanted = ceil_div(kWeightGradThreads, outputs);
-  const int64_t most = std::min(ceil_div(pixels, 32), kMaxGridY);
-  return std::max<int64_t>(1, std::min(wanted, most));
-}
-
-// Launches the weight and bias gradients of the convolution from dz.
 template <typename scalar_t>
-void launch_conv_weight_backward(const at::Tensor& grad_z, const at::Tensor& x_nhwc,
-                                 const ConvShape& s, at::Tensor& grad_weight,
-                                 at::Tensor& grad_bias, cudaStream_t stream) {
-  const int64_t outputs = s.kh * s.kw * s.cin * s.cout + s.cout;
-  const int64_t pixels = s.pixels();
-  const int64_t pixels_per_chunk = ceil_div(pixels, weight_grad_chunks(pixels, outputs));
-  const int64_t chunks = ceil_div(pixels, pixels_per_chunk);
-  const int64_t output_blocks = ceil_div(outputs, kThreads);
-  TORCH_CHECK(outputs <= std::numeric_limits<int32_t>::max(),
-              "conv_relu_bn_backward: weight too large (", outputs, " gradient entries)");
-  at::Tensor partial = at::empty({outputs, chunks}, x_nhwc.options().dtype(at::kDouble));
-  const dim3 grid(static_cast<unsigned>(output_blocks), static_cast<unsigned>(chunks));
-  conv_weight_partials_backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-      grad_z.data_ptr<scalar_t>(), x_nhwc.data_ptr<scalar_t>(), s, pixels_per_chunk, outputs,
-      partial.data_ptr<double>());
+void launch_weight_grad(const at::Tensor& x, const at::Tensor& dz, const ConvDims& d, at::Tensor& grad_weight,
+                        cudaStream_t stream) {
+  const int64_t K = int64_t{d.kh} * d.kw * d.cin;
+  const int64_t pixels = int64_t{d.n} * d.hout * d.wout;
+  const int tile_channels = std::min(d.cout, kMaxTileChannels);
+  const int threads_c = int(ceil_div(tile_channels, kTileC));
+  const int64_t tiles_k = ceil_div(K, kTileK), tiles_c = ceil_div(d.cout, tile_channels);
+  TORCH_CHECK(tiles_k <= std::numeric_limits<int32_t>::max() && tiles_c <= kMaxGrid, kBackwardOp,
+              ": weight too large (", K, "x", d.cout, ")");
+  const int64_t chunks = weight_grad_chunks(pixels, tiles_k * tiles_c);
+  const int64_t pixels_per_chunk = ceil_div(pixels, chunks);
+  const int64_t used_chunks = ceil_div(pixels, pixels_per_chunk);
+  at::Tensor partial = at::empty({used_chunks, K, d.cout}, x.options());
+  const dim3 grid(static_cast<unsigned>(tiles_k), static_cast<unsigned>(tiles_c), static_cast<unsigned>(used_chunks));
+  const unsigned threads = unsigned(threads_c * (kTileK / kTileC));
+  conv_weight_partials_backward_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+      x.const_data_ptr<scalar_t>(), dz.const_data_ptr<scalar_t>(), d, pixels_per_chunk, threads_c, tile_channels,
+      partial.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  int reduce_threads = 32;  // a power of two, no wider than the rows
-  while (reduce_threads < chunks && reduce_threads < kThreads) reduce_threads *= 2;
-  conv_weight_reduce_backward_kernel<scalar_t>
-      <<<static_cast<unsigned>(outputs), reduce_threads, 0, stream>>>(
-      partial.data_ptr<double>(), chunks, s, grad_weight.data_ptr<scalar_t>(),
-      grad_bias.data_ptr<scalar_t>());
+  const int64_t outputs = K * d.cout;
+  weight_reduce_backward_kernel<scalar_t><<<unsigned(ceil_div(outputs, kThreads)), kThreads, 0, stream>>>(
+      partial.const_data_ptr<scalar_t>(), used_chunks, d, grad_weight.stride(0), grad_weight.stride(1),
+      grad_weight.stride(2), grad_weight.stride(3), grad_weight.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-conv_relu_bn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
-                           const at::Tensor& weight, const at::Tensor& relu_out,
-                           const at::Tensor& bn_weight, const at::Tensor& mean,
-                           const at::Tensor& var, bool training, double eps, int64_t padding,
-                           bool compute_grad_x, const std::optional<at::Tensor>& channel_scale) {
-  const char* op = "conv_relu_bn_backward";
-  const ConvShape s = conv_shape(x, weight, padding, op);
-  const at::Tensor scale_view = channel_scale_view(channel_scale, op, x, s);
-  check_activation(grad_y, op, "grad_y", x, s);
-  check_activation(relu_out, op, "relu_out", x, s);
-  check_channel_vector(bn_weight, op, "bn_weight", x, s.cout);
-  check_channel_vector(mean, op, "mean", x, s.cout);
-  check_channel_vector(var, op, "var", x, s.cout);
-  const int64_t pixels = s.pixels();
-
-  const c10::cuda::CUDAGuard device_guard(x.device());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out,
+    const at::Tensor& bn_weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
+    int64_t padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale_in) {
+  const fastmnist::ConvGeometry g = fastmnist::check_conv_inputs(kBackwardOp, x_in, weight, padding);
+  const at::Tensor* channel_scale = fastmnist::check_channel_scale(kBackwardOp, channel_scale_in, x_in, g.n, g.cout);
+  const std::vector<int64_t> out_shape{g.n, g.cout, g.hout, g.wout};
+  fastmnist::check_activation(kBackwardOp, grad_y, x_in, out_shape, "grad_y");
+  fastmnist::check_activation(kBackwardOp, relu_out, x_in, out_shape, "relu_out");
+  fastmnist::check_channel_vector(kBackwardOp, bn_weight, x_in, g.cout, "bn_weight");
+  fastmnist::check_channel_vector(kBackwardOp, mean, x_in, g.cout, "mean");
+  fastmnist::check_channel_vector(kBackwardOp, var, x_in, g.cout, "var");
+  TORCH_INTERNAL_ASSERT(x_in.is_cuda());
+  check_int32_images(kBackwardOp, g);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // The gradient reaching BN's output: grad_y times the channel scale.
-  const at::Tensor dy = (scale_view.defined() ? grad_y * scale_view : grad_y)
-                            .contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor r = relu_out.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor bn_weight_c = bn_weight.contiguous();
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor var_c = var.contiguous();
+
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(cl), dy = grad_y.contiguous(cl), r = relu_out.contiguous(cl);
+  const at::Tensor gamma = bn_weight.contiguous(), mean_c = mean.contiguous(), var_c = var.contiguous();
+  const at::Tensor scale_c = channel_scale ? channel_scale->contiguous() : at::Tensor();
+  const int64_t pixels = g.n * g.pixels();
+  const Tiling t = make_tiling(pixels, g.cout, kTileP);
   const at::TensorOptions f64 = x.options().dtype(at::kDouble);
-  const ChannelTiling tiling = make_channel_tiling(pixels, s.cout);
-  at::Tensor partials = at::empty({2, s.cout, tiling.chunks}, f64);
-  at::Tensor coef = at::empty({s.cout, 4}, f64);
-  at::Tensor grad_z = empty_channels_last(x, s.n, s.cout, s.hout, s.wout);
-  at::Tensor grad_weight = at::empty({s.cout, s.cin, s.kh, s.kw}, x.options());
-  at::Tensor grad_bias = at::empty({s.cout}, x.options());
-  at::Tensor grad_bn_weight = at::empty({s.cout}, x.options());
-  at::Tensor grad_bn_bias = at::empty({s.cout}, x.options());
-  at::Tensor grad_x = compute_grad_x ? empty_channels_last(x, s.n, s.cin, s.h, s.w)
-                                     : at::empty({0}, x.options());
+  at::Tensor partials = at::empty({3, g.cout, t.blocks_p}, f64);  // sum dy, sum dy xhat, sum dz
+  at::Tensor coef = at::empty({g.cout, 3}, x.options());
+  at::Tensor dz = empty_channels_last(x, g.n, g.cout, g.hout, g.wout);
+  at::Tensor grad_x = compute_grad_x ? empty_channels_last(x, g.n, g.cin, g.h, g.w) : at::empty({0}, x.options());
+  at::Tensor grad_weight = at::empty_like(weight);  // the weight's own memory format
+  at::Tensor grad_bias = at::empty({g.cout}, x.options());
+  at::Tensor grad_gamma = at::empty({g.cout}, x.options());
+  at::Tensor grad_beta = at::empty({g.cout}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_backward_cuda", [&] {
-    double* partial_dy = partials.data_ptr<double>();
-    double* partial_dy_xhat = partial_dy + s.cout * tiling.chunks;
-    bn_grad_partials_backward_kernel<scalar_t><<<tiling.grid, tiling.block, 0, stream>>>(
-        dy.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), mean_c.data_ptr<scalar_t>(),
-        var_c.data_ptr<scalar_t>(), eps, pixels, s.cout, tiling.pixels_per_chunk, partial_dy,
-        partial_dy_xhat);
+    const scalar_t* s = scale_c.defined() ? scale_c.const_data_ptr<scalar_t>() : nullptr;
+    double* p_dy = partials.data_ptr<double>();
+    double* p_dyx = p_dy + g.cout * t.blocks_p;
+    double* p_dz = p_dyx + g.cout * t.blocks_p;
+    bn_grad_partials_backward_kernel<scalar_t><<<t.grid(), t.block(), 0, stream>>>(
+        dy.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), s, mean_c.const_data_ptr<scalar_t>(),
+        var_c.const_data_ptr<scalar_t>(), eps, pixels, g.pixels(), int(g.cout), t.threads_c, t.threads_p,
+        t.tile_channels, p_dy, p_dyx);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bn_grad_finalize_backward_kernel<scalar_t><<<static_cast<unsigned>(s.cout), kThreads, 0, stream>>>(
-        partial_dy, partial_dy_xhat, tiling.chunks, pixels, bn_weight_c.data_ptr<scalar_t>(),
-        mean_c.data_ptr<scalar_t>(), var_c.data_ptr<scalar_t>(), eps, training,
-        grad_bn_weight.data_ptr<scalar_t>(), grad_bn_bias.data_ptr<scalar_t>(),
-        coef.data_ptr<double>());
+    bn_grad_finalize_backward_kernel<scalar_t><<<unsigned(g.cout), kReduceRowsMax, 0, stream>>>(
+        p_dy, p_dyx, t.blocks_p, pixels, gamma.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<scalar_t>(),
+        var_c.const_data_ptr<scalar_t>(), eps, training, grad_gamma.mutable_data_ptr<scalar_t>(),
+        grad_beta.mutable_data_ptr<scalar_t>(), coef.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t numel = pixels * s.cout;
-    bn_relu_backward_kernel<scalar_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
-        dy.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), coef.data_ptr<double>(), numel, s.cout,
-        grad_z.data_ptr<scalar_t>());
+    bn_relu_backward_kernel<scalar_t><<<t.grid(), t.block(), 0, stream>>>(
+        dy.const_data_ptr<scalar_t>(), r.const_data_ptr<scalar_t>(), s, coef.const_data_ptr<scalar_t>(), training,
+        pixels, g.pixels(), int(g.cout), t.threads_c, t.threads_p, t.tile_channels, dz.mutable_data_ptr<scalar_t>(),
+        p_dz);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_conv_weight_backward<scalar_t>(grad_z, x_nhwc, s, grad_weight, grad_bias, stream);
-    const int64_t x_numel = s.n * s.cin * s.h * s.w;
-    if (compute_grad_x && x_numel > 0) {
-      const at::Tensor weight_t = weight.permute({2, 3, 0, 1}).contiguous();  // (KH, KW, Cout, Cin)
-      conv_input_backward_kernel<scalar_t><<<elementwise_blocks(x_numel), kThreads, 0, stream>>>(
-          grad_z.data_ptr<scalar_t>(), weight_t.data_ptr<scalar_t>(), s, x_numel,
-          grad_x.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_sum_kernel<scalar_t><<<unsigned(g.cout), kReduceRowsMax, 0, stream>>>(p_dz, t.blocks_p,
+                                                                            grad_bias.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_weight_grad<scalar_t>(x, dz, forward_dims(g), grad_weight, stream);
+    if (compute_grad_x) {
+      const at::Tensor wt = weight.flip({2, 3}).permute({2, 3, 0, 1}).contiguous();  // (KH, KW, Cout, Cin)
+      const ConvDims di = input_grad_dims(g);
+      const Tiling ti = make_tiling(g.n * g.h * g.w, g.cin, kTileP);
+      launch_conv<scalar_t>(dz, wt, nullptr, grad_x, nullptr, nullptr, di, ti, false, stream);
     }
   });
-  return std::make_tuple(grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias);
+  return std::make_tuple(grad_x, grad_weight, grad_bias, grad_gamma, grad_beta);
+}
+
+// The path the CUDA kernels take (for fastmnist.ops.conv_path and tests).
+std::string conv_path_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t padding, bool compute_grad_x) {
+  const fastmnist::ConvGeometry g = fastmnist::check_conv_inputs("conv_path", x, weight, padding);
+  const Tiling t = make_tiling(g.n * g.pixels(), g.cout, kTileP);
+  std::string s = "cuda register tiles (" + std::to_string(kTileP) + " pixels x " + std::to_string(kTileC) +
+                  " channels a thread, " + std::to_string(t.tile_channels) + " channels a block, " +
+                  (x.scalar_type() == at::kFloat ? "fp32" : "fp64") + " FMAs), split-K weight gradient";
+  if (compute_grad_x) s += ", input gradient as a flipped convolution";
+  return s;
 }
 
 }  // namespace
@@ -701,4 +726,5 @@ conv_relu_bn_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
 TORCH_LIBRARY_IMPL(fastmnist, CUDA, m) {
   m.impl("conv_relu_bn", &conv_relu_bn_cuda);
   m.impl("conv_relu_bn_backward", &conv_relu_bn_backward_cuda);
+  m.impl("conv_path", &conv_path_cuda);
 }
