@@ -27,6 +27,8 @@ from fastmnist.device import resolve_device
 from fastmnist.layers import resolve_impl
 from fastmnist.model import build_model, count_parameters
 
+MEMORY_FORMAT = torch.channels_last  # our kernels and oneDNN both prefer NHWC
+
 
 @dataclass
 class TrainConfig:
@@ -148,9 +150,6 @@ def _train(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> dict:
             train_seconds = train_epoch(run, stop)
             end_epoch(run, train_seconds, log)
     return write_outputs(run, log)
-
-
-MEMORY_FORMAT = torch.channels_last  # our kernels and oneDNN both prefer NHWC
 
 
 @dataclass
