@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from fastmnist import ops
 from fastmnist.model import build_model
 
 STATE_FILE = "checkpoint.pt"  # resumable training state, rewritten after every epoch
@@ -164,11 +163,11 @@ def load_model(path, device="cpu"):
     if not isinstance(ckpt["model_kwargs"], dict) or not all(isinstance(k, str) for k in ckpt["model_kwargs"]):
         raise CheckpointError(f"{path}: model_kwargs is a {type(ckpt['model_kwargs']).__name__}, not a dict of "
                               "build_model arguments; pass the model.pt that `fastmnist train` wrote")
-    kwargs = dict(ckpt["model_kwargs"])
-    # The weights are the same for both impls: use our kernels where this install has them for the device.
-    kwargs["impl"] = "fused" if ops.fused_supports(torch.device(device).type) else "stock"
+    # The weights are the same for both impls, so the saved one does not matter here: "auto" lets
+    # build_model (layers.resolve_impl) pick our kernels where this install has them for the device.
+    kwargs = {**ckpt["model_kwargs"], "impl": "auto"}
     try:
-        model = build_model(**kwargs)
+        model = build_model(**kwargs, device=device)
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise CheckpointError(

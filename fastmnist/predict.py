@@ -26,7 +26,7 @@ from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
 from fastmnist.checkpoint import load_model
-from fastmnist.train import resolve_device
+from fastmnist.device import resolve_device
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastmnist import checkpoint, ops
+from fastmnist import checkpoint
 from fastmnist.data import load_mnist, random_affine, to_float_images
+from fastmnist.device import resolve_device
 from fastmnist.layers import resolve_impl
 from fastmnist.model import build_model, count_parameters
+
+MEMORY_FORMAT = torch.channels_last  # our kernels and oneDNN both prefer NHWC
 
 
 @dataclass
@@ -61,24 +64,17 @@ class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+def run_folder(cfg: TrainConfig) -> Path:
+    """The run's folder: cfg.out, else a new one under runs/ named by start time and seed."""
+    return Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{cfg.seed}"))
 
 
 def model_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
-    """The model's build arguments, with impl resolved for this device."""
-    impl = resolve_impl(cfg.impl)
-    if impl == "fused" and not ops.fused_supports(device.type):
-        if cfg.impl == "fused":
-            raise ValueError(f"--impl fused: this build of fastmnist._C has no {device.type.upper()} kernels; "
-                             "reinstall with FORCE_CUDA=1 and the CUDA toolkit, or use --impl stock")
-        impl = "stock"  # auto: the stock layers where our kernels are not built
+    """The model's build arguments, with impl decided once for this device (layers.resolve_impl)."""
+    try:
+        impl = resolve_impl(cfg.impl, device)
+    except RuntimeError as exc:  # ops.require_fused: --impl fused where this build has no kernels for the device
+        raise ValueError(f"--impl fused: {exc}") from exc
     return {"name": cfg.model, "impl": impl, "dropout": cfg.dropout}
 
 
@@ -131,19 +127,103 @@ class StopFlag:
 
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    """Train per cfg, writing checkpoints and metrics to cfg.out; returns the metrics."""
-    out = Path(cfg.out or Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-seed{cfg.seed}"))
+    """Train per cfg, writing checkpoints and metrics to its run folder; returns the metrics."""
+    out = run_folder(cfg)
     if resume:
         checkpoint.restore_previous_run(out)  # an --overwrite killed before its first checkpoint: resume the old run
         state = checkpoint.load_training_state(out)
-        cfg = resumed_config(state, cfg, out)
-        return _train(cfg, out, state, log)
+        return _train(resumed_config(state, cfg, out), out, state, log)
     checkpoint.prepare_out_dir(out, overwrite=overwrite)  # an old run is moved aside, not deleted
     try:
-        return _train(cfg, out, None, log)
+        return _train(replace(cfg, out=str(out)), out, None, log)  # the saved configuration names its folder
     except BaseException:
         checkpoint.restore_previous_run(out)  # nothing to restore once the new run has saved a checkpoint
         raise
+
+
+def _train(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> dict:
+    """Start (or resume) the run, train it epoch by epoch, write its outputs."""
+    run = start_run(cfg, out, state, log)
+    with StopFlag(f"stopped at once, without saving; the last checkpoint in {out}, if any, is kept "
+                  f"(resume it with: fastmnist train --resume {out})") as stop:
+        while run.epoch < cfg.epochs:
+            train_seconds = train_epoch(run, stop)
+            end_epoch(run, train_seconds, log)
+    return write_outputs(run, log)
+
+
+@dataclass
+class Run:
+    """A run's data, model and optimiser, and its position: what an epoch advances and a checkpoint saves."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    data: tuple  # train images, train labels, test images, test labels, all on the device
+    model: torch.nn.Module
+    kwargs: dict  # the model's build arguments, impl resolved
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    aug_gen: torch.Generator
+    steps_per_epoch: int
+    history: list = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    sums: Optional[torch.Tensor] = None  # loss sum, correct: on the device, so a step needs no host sync
+    seen: int = 0
+
+    def save(self, kind: str) -> None:
+        checkpoint.save_training_state(self.out, {
+            "config": asdict(self.cfg), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": checkpoint.get_rng_states(self.aug_gen, self.device),
+            "history": self.history, "epoch": self.epoch, "step": self.step, "sums": self.sums.cpu(),
+            "seen": self.seen, "kind": kind,
+        })
+
+
+def start_run(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> Run:
+    """Data on the device, a fresh model and optimiser, then the saved position when state is given.
+
+    The order of the random draws here (seed, weights, then the saved RNG
+    states) is what makes a resumed run end bit for bit like an uninterrupted one.
+    """
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg, device, log)
+    kwargs = model_kwargs(cfg, device)
+    # Built on the CPU, then moved: a seed gives the same initial weights on every device.
+    model = build_model(**kwargs).to(device, memory_format=MEMORY_FORMAT)
+    steps_per_epoch = math.ceil(len(data[1]) / cfg.batch_size)
+    optimizer, scheduler = build_optimiser(model, cfg, steps_per_epoch)
+    run = Run(cfg, out, device, data, model, kwargs, optimizer, scheduler,
+              torch.Generator(device=device).manual_seed(cfg.seed), steps_per_epoch,
+              sums=torch.zeros(2, device=device, dtype=torch.float64))
+    if state is not None:
+        run.history, run.epoch, run.step, run.sums, run.seen = restore_state(
+            state, out, model, optimizer, scheduler, run.aug_gen, device, cfg.epochs, steps_per_epoch)
+        log(f"fastmnist: resuming {out} at epoch {run.epoch + 1}, step {run.step}/{steps_per_epoch}")
+    log(f"fastmnist: model {cfg.model} ({count_parameters(model):,} parameters), impl {kwargs['impl']}, "
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    return run
+
+
+def load_data(cfg: TrainConfig, device: torch.device, log) -> tuple:
+    """(train images, train labels, test images, test labels) on the device, cut to cfg's limits."""
+    data = load_mnist(cfg.data_dir, log=log)
+    log(f"fastmnist: MNIST from {data.source}")
+    return (data.train_images[: cfg.limit_train].to(device), data.train_labels[: cfg.limit_train].to(device),
+            data.test_images[: cfg.limit_test].to(device), data.test_labels[: cfg.limit_test].to(device))
+
+
+def build_optimiser(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple:
+    """Nesterov SGD under a one-cycle schedule that spans the whole run."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start
+    )
+    return optimizer, scheduler
 
 
 def resumed_config(state: dict, cfg: TrainConfig, out: Path) -> TrainConfig:
@@ -218,130 +298,106 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _train(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> dict:
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    memory_format = torch.channels_last  # our kernels and oneDNN both prefer NHWC
+def train_epoch(run: Run, stop: StopFlag) -> float:
+    """Train from run's position to the end of its epoch; returns the seconds it took.
 
-    data = load_mnist(cfg.data_dir, log=log)
-    log(f"fastmnist: MNIST from {data.source}")
-    train_x = data.train_images[: cfg.limit_train].to(device)
-    train_y = data.train_labels[: cfg.limit_train].to(device)
-    test_x = data.test_images[: cfg.limit_test].to(device)
-    test_y = data.test_labels[: cfg.limit_test].to(device)
-
-    kwargs = model_kwargs(cfg, device)
-    model = build_model(**kwargs).to(device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
-    )
-    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=cfg.pct_start
-    )
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    history, epoch, step = [], 0, 0
-    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct: on the device, no sync
-    seen = 0
-    if state is not None:
-        history, epoch, step, sums, seen = restore_state(
-            state, out, model, optimizer, scheduler, aug_gen, device, cfg.epochs, steps_per_epoch)
-        log(f"fastmnist: resuming {out} at epoch {epoch + 1}, step {step}/{steps_per_epoch}")
-
-    n_params = count_parameters(model)
-    log(f"fastmnist: model {cfg.model} ({n_params:,} parameters), impl {kwargs['impl']}, device {device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-
-    def save(kind):
-        checkpoint.save_training_state(out, {
-            "config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": checkpoint.get_rng_states(aug_gen, device),
-            "history": history, "epoch": epoch, "step": step, "sums": sums.cpu(), "seen": seen, "kind": kind,
-        })
-
-    with StopFlag(f"stopped at once, without saving; the last checkpoint in {out}, if any, is kept "
-                  f"(resume it with: fastmnist train --resume {out})") as stop:
-        while epoch < cfg.epochs:
-            model.train()
-            perm = epoch_permutation(cfg.seed, epoch, len(train_y)).to(device)
-            bad_step = torch.full((), -1, device=device, dtype=torch.long)
-            t0 = time.perf_counter()
-            bar = tqdm(range(step, steps_per_epoch), initial=step, total=steps_per_epoch, disable=not cfg.progress,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, dynamic_ncols=True)
-            for step in bar:
-                if stop.signal:
-                    break
-                idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                x = to_float_images(train_x[idx])
-                if cfg.augment:
-                    x = random_affine(x, aug_gen)
-                x = x.contiguous(memory_format=memory_format)
-                y = train_y[idx]
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                with torch.no_grad():
-                    finite = torch.isfinite(loss)
-                    bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
-                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
-                seen += len(y)
-                if step % 25 == 24 or step == steps_per_epoch - 1:  # one host sync every 25 steps
-                    s = sums.tolist()
-                    if int(bad_step) >= 0:
-                        raise NonFiniteLoss(
-                            f"loss became non-finite at epoch {epoch + 1}, step {int(bad_step) + 1}; training stopped "
-                            f"and the last good checkpoint in {out} was kept. Try a lower --lr."
-                        )
-                    bar.set_postfix(loss=f"{s[0] / seen:.4f}", acc=f"{s[1] / seen:.4f}",
-                                    img_s=f"{seen / (time.perf_counter() - t0 + 1e-9):.0f}")
-            else:
-                step = steps_per_epoch
-            bar.close()
-            if stop.signal:
-                save("interrupted")
-                raise TrainingStopped(
-                    f"{stop.signal}: stopped at epoch {epoch + 1}, step {step}/{steps_per_epoch}; saved to "
-                    f"{out / checkpoint.STATE_FILE}. Resume with: fastmnist train --resume {out}"
+    A signal stops it at the next step boundary: the position is saved and
+    TrainingStopped raised. A non-finite loss raises NonFiniteLoss, saving nothing.
+    """
+    cfg, model, (train_x, train_y, _, _) = run.cfg, run.model, run.data
+    model.train()
+    perm = epoch_permutation(cfg.seed, run.epoch, len(train_y)).to(run.device)
+    bad_step = torch.full((), -1, device=run.device, dtype=torch.long)
+    t0 = time.perf_counter()
+    bar = tqdm(range(run.step, run.steps_per_epoch), initial=run.step, total=run.steps_per_epoch,
+               disable=not cfg.progress, desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+               dynamic_ncols=True)
+    for step in bar:
+        run.step = step
+        if stop.signal:
+            break
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        x = to_float_images(train_x[idx])
+        if cfg.augment:
+            x = random_affine(x, run.aug_gen)
+        x = x.contiguous(memory_format=MEMORY_FORMAT)
+        y = train_y[idx]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        with torch.no_grad():
+            finite = torch.isfinite(loss)
+            bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
+            run.sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double()])
+        run.seen += len(y)
+        if step % 25 == 24 or step == run.steps_per_epoch - 1:  # one host sync every 25 steps
+            s = run.sums.tolist()
+            if int(bad_step) >= 0:
+                raise NonFiniteLoss(
+                    f"loss became non-finite at epoch {run.epoch + 1}, step {int(bad_step) + 1}; training stopped "
+                    f"and the last good checkpoint in {run.out} was kept. Try a lower --lr."
                 )
-            train_seconds = time.perf_counter() - t0
-            s = sums.tolist()
-            test_loss, test_acc = evaluate(model, test_x, test_y, cfg.eval_batch_size, memory_format)
-            record = {
-                "epoch": epoch + 1, "train_loss": s[0] / seen, "train_acc": s[1] / seen, "test_loss": test_loss,
-                "test_acc": test_acc, "epoch_seconds": train_seconds, "lr_end": scheduler.get_last_lr()[0],
-            }
-            history.append(record)
-            log(f"epoch {epoch + 1:2d}/{cfg.epochs}  train loss {record['train_loss']:.4f}  "
-                f"test loss {test_loss:.4f}  test acc {100 * test_acc:.2f}%  {train_seconds:.1f}s")
-            epoch, step, seen = epoch + 1, 0, 0
-            sums.zero_()
-            save("epoch")
+            bar.set_postfix(loss=f"{s[0] / run.seen:.4f}", acc=f"{s[1] / run.seen:.4f}",
+                            img_s=f"{run.seen / (time.perf_counter() - t0 + 1e-9):.0f}")
+    else:
+        run.step = run.steps_per_epoch
+    bar.close()
+    if stop.signal:
+        run.save("interrupted")
+        raise TrainingStopped(
+            f"{stop.signal}: stopped at epoch {run.epoch + 1}, step {run.step}/{run.steps_per_epoch}; saved to "
+            f"{run.out / checkpoint.STATE_FILE}. Resume with: fastmnist train --resume {run.out}"
+        )
+    return time.perf_counter() - t0
 
+
+def end_epoch(run: Run, train_seconds: float, log) -> None:
+    """Evaluate, record and log the epoch, move to the next one and save the checkpoint."""
+    cfg, (_, _, test_x, test_y) = run.cfg, run.data
+    s = run.sums.tolist()
+    test_loss, test_acc = evaluate(run.model, test_x, test_y, cfg.eval_batch_size, MEMORY_FORMAT)
+    record = {
+        "epoch": run.epoch + 1, "train_loss": s[0] / run.seen, "train_acc": s[1] / run.seen, "test_loss": test_loss,
+        "test_acc": test_acc, "epoch_seconds": train_seconds, "lr_end": run.scheduler.get_last_lr()[0],
+    }
+    run.history.append(record)
+    log(f"epoch {run.epoch + 1:2d}/{cfg.epochs}  train loss {record['train_loss']:.4f}  "
+        f"test loss {test_loss:.4f}  test acc {100 * test_acc:.2f}%  {train_seconds:.1f}s")
+    run.epoch, run.step, run.seen = run.epoch + 1, 0, 0
+    run.sums.zero_()
+    run.save("epoch")
+
+
+def write_outputs(run: Run, log) -> dict:
+    """metrics.json, model.pt and curves.png in the run folder; returns the metrics."""
+    history, device = run.history, run.device
     metrics = {
-        "config": asdict(cfg), "model_kwargs": kwargs, "parameters": n_params, "epochs": history,
-        "final_test_acc": history[-1]["test_acc"], "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
+        "config": asdict(run.cfg), "model_kwargs": run.kwargs, "parameters": count_parameters(run.model),
+        "epochs": history, "final_test_acc": history[-1]["test_acc"],
+        "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
         "total_train_seconds": sum(r["epoch_seconds"] for r in history), "torch_version": torch.__version__,
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
     }
-    checkpoint.write_json_atomic(out / "metrics.json", metrics)
-    checkpoint.save_model(out / "model.pt", model, kwargs)
-    plot_curves(history, out / "curves.png")
-    log(f"fastmnist: final test accuracy {100 * metrics['final_test_acc']:.2f}% -> {out}")
+    checkpoint.write_json_atomic(run.out / "metrics.json", metrics)
+    checkpoint.save_model(run.out / "model.pt", run.model, run.kwargs)
+    plot_curves(history, run.out / "curves.png", log)
+    log(f"fastmnist: final test accuracy {100 * metrics['final_test_acc']:.2f}% -> {run.out}")
     return metrics
 
 
-def plot_curves(history, path) -> bool:
-    """Loss and accuracy per epoch; skipped (False) where matplotlib is missing."""
+def plot_curves(history, path, log=print) -> bool:
+    """Loss and accuracy per epoch; skipped, saying so, where matplotlib (the `plot` extra) is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        log(f"fastmnist: {Path(path).name} skipped: pip install matplotlib (the `plot` extra)")
         return False
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -368,7 +424,7 @@ def evaluate_checkpoint(path, data_dir=None, device="auto", log=print) -> dict:
     model, kwargs = checkpoint.load_model(path, device=dev)
     data = load_mnist(data_dir, log=log)
     loss, acc = evaluate(model, data.test_images.to(dev), data.test_labels.to(dev),
-                         memory_format=torch.channels_last)
+                         memory_format=MEMORY_FORMAT)
     if not math.isfinite(loss):  # finite weights can still make NaN (a negative running variance, an overflow)
         raise checkpoint.CheckpointError(
             f"{path}: the model is broken: its outputs on the test set are NaN or infinite, so its accuracy "

@@ -108,3 +108,13 @@ def test_resume_after_a_killed_overwrite_continues_the_old_run(tmp_path):
     with pytest.raises(CheckpointError, match="not a readable training checkpoint"):  # the fake one, found
         train(TrainConfig(out=str(out), progress=False), resume=True, log=lambda *a: None)
     assert (out / checkpoint.STATE_FILE).read_bytes() == b"old checkpoint.pt"
+
+
+def test_a_loaded_model_runs_the_path_resolve_impl_picks_for_its_device(untrained_model):
+    """The saved impl (stock here) does not decide: layers.resolve_impl does, for the device it is loaded on."""
+    from fastmnist.layers import ConvReLUBN, resolve_impl
+
+    model, kwargs = load_model(untrained_model, device="cpu")
+    assert kwargs["impl"] == "stock"  # as saved
+    impls = {m.impl for m in model.modules() if isinstance(m, ConvReLUBN)}
+    assert impls == {resolve_impl("auto", "cpu")}

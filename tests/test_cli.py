@@ -19,6 +19,7 @@ def test_help_explains_every_command():
     result = run_cli("train", "--help")
     for flag in ("--epochs", "--batch-size", "--lr", "--seed", "--impl", "--device", "--data-dir", "--out", "--resume"):
         assert flag in result.stdout
+    assert "the assignment's" in result.stdout and "(docs/assignment.md)" in result.stdout  # not SPEC.md
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def trained_run(mnist_dir, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_train_end_to_end_writes_metrics_and_model(trained_run):
     out, result = trained_run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -41,6 +43,7 @@ def test_train_end_to_end_writes_metrics_and_model(trained_run):
     build_model(**ckpt["model_kwargs"]).load_state_dict(ckpt["state_dict"])
 
 
+@pytest.mark.slow
 def test_eval_prints_the_saved_models_accuracy(trained_run, mnist_dir):
     out, _ = trained_run
     result = run_cli("eval", "--checkpoint", str(out / "model.pt"), "--data-dir", mnist_dir)
@@ -102,6 +105,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_existing_run_is_refused_without_overwrite(trained_run, mnist_dir):
     out, _ = trained_run
     line = one_line_error(run_cli("train", *TINY, "--data-dir", mnist_dir, "--out", str(out)))
@@ -118,6 +122,7 @@ def test_resume_of_a_folder_without_a_run(tmp_path):
     assert "no such training checkpoint" in one_line_error(run_cli("train", "--resume", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_prints_the_resume_command(tmp_path, mnist_dir):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONUNBUFFERED": "1"}
@@ -137,6 +142,7 @@ def test_sigterm_saves_and_prints_the_resume_command(tmp_path, mnist_dir):
     assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 3
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_it_cannot_apply(trained_run):
     """--resume RUN --epochs 30 --lr 0.05 used to ignore both flags silently."""
     out, _ = trained_run
@@ -190,3 +196,26 @@ def test_eval_reports_a_model_with_nan_outputs_as_broken(untrained_model, mnist_
     torch.save(ckpt, path)
     line = one_line_error(run_cli("eval", "--checkpoint", str(path), "--data-dir", mnist_dir, "--device", "cpu"))
     assert "the model is broken" in line and "NaN" in line
+
+
+def test_impl_fused_where_the_build_cannot_run_it_is_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+    """ops.require_fused raises a RuntimeError; the user sees its remedy in one line, not a traceback."""
+    from fastmnist import ops
+
+    monkeypatch.setattr(ops, "fused_unavailable_reason", lambda device_type=None: "no kernels here; use --impl stock")
+    code = main(["train", "--impl", "fused", "--device", "cpu", *TINY, "--data-dir", mnist_dir,
+                 "--out", str(tmp_path / "run")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and lines == ["fastmnist: error: --impl fused: no kernels here; use --impl stock"], lines
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """A RuntimeError from a kernel is a bug, not a user's mistake: it is not dressed as one line."""
+    from fastmnist import cli
+
+    def kernel_failure(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cli, "evaluate_checkpoint", kernel_failure)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(["eval", "--checkpoint", "model.pt"])

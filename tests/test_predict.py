@@ -108,6 +108,7 @@ def test_blank_and_unreadable_files_raise_naming_the_file(tmp_path):
         assert str(path) in str(info.value)
 
 
+@pytest.mark.slow  # the checkpoint fixture trains a model
 def test_predict_classifies_user_photos(mnist, checkpoint, tmp_path):
     paths, labels = save_photos(mnist, tmp_path, N_PHOTOS)
     results = predict_files(checkpoint, paths, device="cpu")
@@ -117,30 +118,35 @@ def test_predict_classifies_user_photos(mnist, checkpoint, tmp_path):
     assert correct >= 16, (correct, [r["digit"] for r in results], labels)
 
 
-def test_bad_files_fail_alone(mnist, checkpoint, tmp_path):
-    (good0, good1), labels = save_photos(mnist, tmp_path, 2)
+def is_answer(result):
+    """A classification, whichever digit a model with random weights picks."""
+    return result["digit"] in range(10) and 0 <= result["probability"] <= 1
+
+
+def test_bad_files_fail_alone(mnist, untrained_model, tmp_path):
+    (good0, good1), _ = save_photos(mnist, tmp_path, 2)
     text = tmp_path / "readme.txt"
     text.write_text("hello")
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    results = predict_files(checkpoint, [good0, str(text), str(empty), good1], device="cpu")
+    results = predict_files(untrained_model, [good0, str(text), str(empty), good1], device="cpu")
     assert [("error" in r) for r in results] == [False, True, True, False]
     assert "not a readable image" in results[1]["error"] and "empty" in results[2]["error"]
-    assert [results[0]["digit"], results[3]["digit"]] == labels
+    assert is_answer(results[0]) and is_answer(results[3])
 
 
-def test_cli_predict_exit_codes_and_json(mnist, checkpoint, tmp_path):
-    paths, labels = save_photos(mnist, tmp_path, 3)
-    ok = run_cli("predict", "--checkpoint", str(checkpoint), "--device", "cpu", *paths)
+def test_cli_predict_exit_codes_and_json(mnist, untrained_model, tmp_path):
+    paths, _ = save_photos(mnist, tmp_path, 3)
+    ok = run_cli("predict", "--checkpoint", str(untrained_model), "--device", "cpu", *paths)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.count("(p=") == 3
 
     bad = tmp_path / "bad.png"
     bad.write_text("not a png")
-    mixed = run_cli("predict", "--checkpoint", str(checkpoint), "--json", "--device", "cpu", paths[0], str(bad))
+    mixed = run_cli("predict", "--checkpoint", str(untrained_model), "--json", "--device", "cpu", paths[0], str(bad))
     assert mixed.returncode == 1, mixed.stderr
     results = json.loads(mixed.stdout)
-    assert results[0]["file"] == paths[0] and results[0]["digit"] == labels[0]
+    assert results[0]["file"] == paths[0] and is_answer(results[0])
     assert results[1]["file"] == str(bad) and "error" in results[1]
 
 

@@ -1,11 +1,12 @@
 import json
 import signal
+import sys
 
 import pytest
 import torch
 
 from fastmnist import checkpoint, train as train_module
-from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, train
+from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, model_kwargs, plot_curves, run_folder, train
 
 
 def tiny(mnist_dir, out, **kw):
@@ -23,6 +24,7 @@ def comparable(metrics):
     return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in metrics["epochs"]]
 
 
+@pytest.mark.slow
 def test_short_run_clearly_beats_chance(mnist_dir, tmp_path):
     metrics = train(tiny(mnist_dir, tmp_path / "run", epochs=2, limit_train=4096, lr=0.1), log=quiet)
     assert metrics["final_test_acc"] > 0.6  # chance is 0.1
@@ -33,6 +35,7 @@ def test_short_run_clearly_beats_chance(mnist_dir, tmp_path):
     assert set(ckpt) >= {"state_dict", "model_kwargs"}
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(mnist_dir, tmp_path):
     a = train(tiny(mnist_dir, tmp_path / "a", epochs=1), log=quiet)
     b = train(tiny(mnist_dir, tmp_path / "b", epochs=1), log=quiet)
@@ -53,6 +56,7 @@ def interrupt_at_step(monkeypatch, step):
     monkeypatch.setattr(train_module, "random_affine", wrapped)
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, monkeypatch):
     whole = train(tiny(mnist_dir, tmp_path / "whole"), log=quiet)
     interrupt_at_step(monkeypatch, 11)  # inside the second epoch
@@ -69,6 +73,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, mon
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch):
     original = train_module.F.cross_entropy
     calls = {"n": 0}
@@ -88,6 +93,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mnist_dir, tmp_pat
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_replaced(mnist_dir, tmp_path):
     train(tiny(mnist_dir, tmp_path / "run", epochs=1), log=quiet)
     with pytest.raises(checkpoint.RunExistsError, match="--resume .* --overwrite"):
@@ -95,6 +101,7 @@ def test_existing_run_is_not_replaced(mnist_dir, tmp_path):
     train(tiny(mnist_dir, tmp_path / "run", epochs=1), overwrite=True, log=quiet)
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_of_another_layout_says_what_to_do(mnist_dir, tmp_path):
     """A checkpoint whose keys are another version's (v1 had separate Dropout2d layers) is refused in one line."""
     train(tiny(mnist_dir, tmp_path / "run", epochs=1), log=quiet)
@@ -166,6 +173,7 @@ def set_in(key, value, inner=None):
     return damage
 
 
+@pytest.mark.slow  # finished_run trains a model
 @pytest.mark.parametrize("damage, words", [
     (set_in("config", 1, "bogus_setting"), r"unknown settings \['bogus_setting'\]"),
     (set_in("config", "many", "epochs"), r"wrong type or out of range for \['epochs'\]"),
@@ -185,6 +193,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_error(finished_run, mnist_dir, t
         train(TrainConfig(out=str(out), data_dir=mnist_dir, progress=False), resume=True, log=quiet)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_one_line_in_the_cli(finished_run, mnist_dir, tmp_path):
     from conftest import run_cli
 
@@ -202,6 +211,7 @@ def test_a_run_killed_in_its_first_epoch_is_explained(tmp_path):
         train(TrainConfig(out=str(out), progress=False), resume=True, log=quiet)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_is_one_line_not_a_traceback(mnist_dir, tmp_path, monkeypatch, capsys):
     from fastmnist.cli import main
 
@@ -225,3 +235,30 @@ def test_a_second_ctrl_c_is_one_line_not_a_traceback(mnist_dir, tmp_path, monkey
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("fastmnist: error: SIGINT again: stopped at once"), err
+
+
+# One place for each decision: the fused path, the run folder; and the optional plot.
+
+def test_impl_fused_where_the_build_cannot_run_it_is_a_value_error(monkeypatch):
+    """ops.require_fused's RuntimeError becomes an argument error, which the CLI shows as one line."""
+    from fastmnist import ops
+
+    monkeypatch.setattr(ops, "fused_unavailable_reason", lambda device_type=None: "no kernels here; use --impl stock")
+    with pytest.raises(ValueError, match="^--impl fused: no kernels here; use --impl stock$"):
+        model_kwargs(TrainConfig(impl="fused"), torch.device("cpu"))
+    assert model_kwargs(TrainConfig(impl="auto"), torch.device("cpu"))["impl"] == "stock"  # auto falls back
+
+
+def test_the_run_folder_is_out_or_a_new_one_named_by_seed(tmp_path):
+    assert run_folder(TrainConfig(out=str(tmp_path / "run"))) == tmp_path / "run"
+    default = run_folder(TrainConfig(seed=7))
+    assert default.parent.name == "runs" and default.name.endswith("-seed7")
+
+
+def test_curves_are_skipped_in_one_line_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    lines = []
+    history = [{"epoch": 1, "train_loss": 0.5, "test_loss": 0.4, "train_acc": 0.9, "test_acc": 0.95}]
+    assert plot_curves(history, tmp_path / "curves.png", log=lines.append) is False
+    assert lines == ["fastmnist: curves.png skipped: pip install matplotlib (the `plot` extra)"]
+    assert not (tmp_path / "curves.png").exists()
