@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.io import encode_jpeg, write_file, write_png
+from PIL import Image
 
 from conftest import run_cli
 from fastmnist.predict import ImageError, load_digit, predict_files
@@ -49,6 +49,12 @@ def as_photo(digit_u8, margins=(17, 31, 9, 23), light=True):
     return image.round().to(torch.uint8)
 
 
+def write_image(gray, path, **kw):
+    """A (1, H, W) uint8 tensor saved as an 8-bit grey image, its format from the file name (Pillow:
+    torchvision.io's encoders warn that they are going away)."""
+    Image.fromarray(gray[0].numpy(), "L").save(path, **kw)
+
+
 def save_photos(mnist, folder, count, fmt="png", light=True):
     """count test digits saved as photos; returns (paths, labels)."""
     data = mnist[1]
@@ -57,10 +63,7 @@ def save_photos(mnist, folder, count, fmt="png", light=True):
         margins = (5 + 3 * i % 40, 11 + 7 * i % 30, 2 + 5 * i % 25, 13 + 2 * i % 35)
         photo = as_photo(data.test_images[i], margins, light)
         path = Path(folder) / f"digit{i}.{fmt}"
-        if fmt == "png":
-            write_png(photo, str(path))
-        else:
-            write_file(str(path), encode_jpeg(photo, quality=85))
+        write_image(photo, path, quality=85)
         paths.append(str(path))
     return paths, data.test_labels[:count].tolist()
 
@@ -96,7 +99,7 @@ def test_load_digit_centres_by_mass_like_mnist(mnist, tmp_path):
 
 def test_blank_and_unreadable_files_raise_naming_the_file(tmp_path):
     blank = tmp_path / "blank.png"
-    write_png(torch.full((1, 50, 40), 240, dtype=torch.uint8), str(blank))
+    write_image(torch.full((1, 50, 40), 240, dtype=torch.uint8), blank)
     text = tmp_path / "notes.png"
     text.write_text("not an image\n")
     empty = tmp_path / "empty.jpg"
@@ -152,7 +155,7 @@ def test_cli_predict_exit_codes_and_json(mnist, untrained_model, tmp_path):
 
 def test_cli_predict_missing_checkpoint_is_one_line(tmp_path):
     image = tmp_path / "x.png"
-    write_png(torch.zeros(1, 28, 28, dtype=torch.uint8), str(image))
+    write_image(torch.zeros(1, 28, 28, dtype=torch.uint8), image)
     result = run_cli("predict", "--checkpoint", str(tmp_path / "nope.pt"), str(image))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -173,7 +176,6 @@ def seven(height=120, width=100):
 
 def save_gray(ink, path, light=True, **pillow_kw):
     """ink in [0, 1] as dark-on-light (or light-on-dark) 8-bit grey, written by Pillow."""
-    from PIL import Image
 
     values = (235 - 200 * ink) if light else (20 + 200 * ink)
     Image.fromarray(values.round().to(torch.uint8).numpy(), "L").save(path, **pillow_kw)
@@ -282,7 +284,6 @@ def test_only_regular_files_are_read(tmp_path):
 
 def test_exif_orientation_is_applied(tmp_path):
     """An upright 7 photographed upside down (EXIF orientation 3) is read as the upright 7."""
-    from PIL import Image
 
     upright = load_digit(save_gray(seven(), tmp_path / "upright.png"))
     exif = Image.Exif()
@@ -296,7 +297,6 @@ def test_exif_orientation_is_applied(tmp_path):
 @pytest.mark.parametrize("ink_value", [0, 255], ids=["black_ink", "white_ink"])
 def test_transparency_is_composited_onto_the_background_it_implies(tmp_path, ink_value):
     """Ink drawn on a transparent background (a drawing app's export) is a digit, not a blank image."""
-    from PIL import Image
 
     ink = seven()
     rgba = torch.zeros(*ink.shape, 4, dtype=torch.uint8)  # transparent black everywhere...
@@ -309,7 +309,6 @@ def test_transparency_is_composited_onto_the_background_it_implies(tmp_path, ink
 
 
 def test_16_bit_greyscale_keeps_its_levels(tmp_path):
-    from PIL import Image
 
     ink = seven()
     path = tmp_path / "deep.png"
