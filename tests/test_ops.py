@@ -731,3 +731,21 @@ def test_cuda_fused_dropout_drops_the_channels_stock_dropout_drops():
     assert outs[0][0].eq(0).flatten(2).all(-1).any(), "some channels must be dropped"
     for a, b in zip(*outs):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_has("avx2"), reason="needs an x86-64 CPU with AVX2 and FMA")
+def test_tile_loops_at_the_avx512_builds_shapes(tmp_path):
+    """This CPU may lack AVX-512: the AVX-512 build's tile shapes still run here, on AVX2 instructions."""
+    import shutil
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("needs g++")
+    repo = Path(__file__).resolve().parent.parent
+    exe = tmp_path / "tile_shapes"
+    build = subprocess.run([compiler, "-O2", "-std=c++17", f"-I{repo / 'csrc' / 'cpu'}",
+                            str(repo / "tests" / "native" / "tile_shapes.cpp"), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

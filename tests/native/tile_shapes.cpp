@@ -1,0 +1,64 @@
+// The tile loops of csrc/cpu/conv_tiles_kernels.h at the AVX-512 build's tile shapes, run with AVX2
+// instructions, against a direct convolution in double: on a CPU without AVX-512 this still checks
+// everything of that build but its six intrinsic wrappers (16-lane blocks with 32 registers, 8-lane
+// blocks with 32 registers, several channel blocks, tiles that wrap across rows, the remainder tiles).
+// Built and run by tests/test_ops.py::test_tile_loops_at_the_avx512_builds_shapes; exit 0 when all agree.
+#include <cstdint>
+#include <cstdio>
+#include <cmath>
+#include <vector>
+#include <random>
+#include <immintrin.h>
+#include "conv_tiles.h"
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#include "conv_tiles_ymm.h"
+namespace {
+struct Zmm16 {  // a 16-lane vector made of two ymm: the Zmm tile shapes, on AVX2
+  struct type { __m256 a, b; };
+  static constexpr int L = 16, kRegisters = 32;
+  static inline type zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static inline type load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static inline void store(float* p, type v) { _mm256_storeu_ps(p, v.a); _mm256_storeu_ps(p + 8, v.b); }
+  static inline type broadcast(const float* p) { __m256 x = _mm256_broadcast_ss(p); return {x, x}; }
+  static inline type fmadd(type a, type b, type c) { return {_mm256_fmadd_ps(a.a, b.a, c.a), _mm256_fmadd_ps(a.b, b.b, c.b)}; }
+  static inline type add(type a, type b) { return {_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
+};
+}
+#include "conv_tiles_kernels.h"
+template <class V> double check(int H, int W, int CI, int CO, int K) {
+  using fastmnist_cpu::ImageGeometry;
+  ImageGeometry g{H, W, CI, K, K, H - K + 1, W - K + 1};
+  std::mt19937 rng(1); std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> in(H * W * CI), w(K * K * CI * CO), out(g.out_h * g.out_w * CO), dz(g.out_h * g.out_w * CO), dw(K * K * CI * CO);
+  for (auto& v : in) v = u(rng); for (auto& v : w) v = u(rng); for (auto& v : dz) v = u(rng);
+  valid_conv_all<V>(in.data(), w.data(), g, CO, out.data());
+  weight_grad_all<V>(in.data(), dz.data(), g, CO, dw.data());
+  double err = 0;
+  for (int oy = 0; oy < g.out_h; ++oy) for (int ox = 0; ox < g.out_w; ++ox) for (int co = 0; co < CO; ++co) {
+    double s = 0;
+    for (int ky = 0; ky < K; ++ky) for (int kx = 0; kx < K; ++kx) for (int ci = 0; ci < CI; ++ci)
+      s += in[((oy + ky) * W + ox + kx) * CI + ci] * w[((ky * K + kx) * CI + ci) * CO + co];
+    err = std::max(err, std::fabs(s - out[(oy * g.out_w + ox) * CO + co]));
+  }
+  for (int k = 0; k < K * K * CI; ++k) for (int co = 0; co < CO; ++co) {
+    int ci = k % CI, tap = k / CI, ky = tap / K, kx = tap % K; double s = 0;
+    for (int oy = 0; oy < g.out_h; ++oy) for (int ox = 0; ox < g.out_w; ++ox)
+      s += in[((oy + ky) * W + ox + kx) * CI + ci] * dz[(oy * g.out_w + ox) * CO + co];
+    err = std::max(err, std::fabs(s - dw[k * CO + co]));
+  }
+  return err;
+}
+#pragma GCC pop_options
+int main() {
+  int shapes[][5] = {{9, 9, 16, 32, 3}, {7, 7, 24, 16, 3}, {28, 28, 1, 16, 3}, {26, 26, 16, 48, 3}, {11, 11, 24, 64, 3}, {5, 30, 8, 80, 3}, {22, 22, 32, 16, 1}, {3, 3, 5, 16, 3}};
+  double worst = 0;
+  for (auto& s : shapes) {
+    double e1 = check<Zmm16>(s[0], s[1], s[2], s[3], s[4]);
+    double e2 = (s[3] % 8 == 0) ? check<Ymm<32>>(s[0], s[1], s[2], s[3], s[4]) : 0;
+    printf("%2dx%2d ci%2d co%2d k%d: zmm-shaped err %.2e, ymm32 err %.2e\n", s[0], s[1], s[2], s[3], s[4], e1, e2);
+    worst = std::max(worst, std::max(e1, e2));
+  }
+  printf("worst %.2e\n", worst);
+  return worst < 1e-3 ? 0 : 1;
+}
