@@ -83,11 +83,14 @@ struct ConvProducts {
   at::Tensor wmat;             // im2col: (Cout, K), k = (ky, kx, ci)
   at::Tensor w_packed;         // tiled: (K, co_t) for the forward
   at::Tensor w_flipped;        // tiled: (KH * KW * Cout, ci_t), the flipped, transposed weight for grad_x
-  std::vector<std::vector<scalar_t>> col, padded, grad_tile, out_pad;
+  // Per-thread buffers. padded_x and padded_dz each hold one geometry for the
+  // whole call, so their zero borders are written once, not per image.
+  std::vector<std::vector<scalar_t>> col, padded_x, padded_dz, grad_tile, out_pad;
 
   ConvProducts(const ConvGeometry& geom, const at::Tensor& weight, const at::TensorOptions& options, int threads,
                bool need_grad_x)
-      : g(geom), opts(options), col(threads), padded(threads), grad_tile(threads), out_pad(threads) {
+      : g(geom), opts(options), col(threads), padded_x(threads), padded_dz(threads), grad_tile(threads),
+        out_pad(threads) {
     tiled = tiles_refusal(g, std::is_same<scalar_t, float>::value, need_grad_x) == nullptr;
     wmat = weight_as_matrix(weight);
     if (tiled) {
@@ -99,13 +102,14 @@ struct ConvProducts {
     }
   }
 
-  // The image zero-padded by (ph, pw) into this thread's buffer (or itself when no padding).
-  const scalar_t* pad_image(const scalar_t* img, int64_t h, int64_t w, int64_t c, int64_t ph, int64_t pw,
-                            int thread) {
+  // The image zero-padded by (ph, pw) into buf (or itself when no padding).
+  // buf is zero-filled only when first sized: later images of the same
+  // geometry overwrite the interior and leave the zero border as it is.
+  static const scalar_t* pad_image(const scalar_t* img, int64_t h, int64_t w, int64_t c, int64_t ph, int64_t pw,
+                                   std::vector<scalar_t>& buf) {
     if (ph == 0 && pw == 0) return img;
-    auto& buf = padded[thread];
-    const int64_t W = w + 2 * pw;
-    buf.assign((h + 2 * ph) * W * c, scalar_t(0));
+    const int64_t W = w + 2 * pw, size = (h + 2 * ph) * W * c;
+    if (static_cast<int64_t>(buf.size()) != size) buf.assign(size, scalar_t(0));
     for (int64_t y = 0; y < h; ++y) std::copy_n(img + y * w * c, w * c, buf.data() + ((y + ph) * W + pw) * c);
     return buf.data();
   }
@@ -124,7 +128,7 @@ struct ConvProducts {
     const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
     if (tiled) {
       for (int64_t b = first; b < first + count; ++b) {
-        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);
         float* zb = reinterpret_cast<float*>(z + (b - first) * P * C);
         float* out = co_t == C ? zb : scratch(thread, P, co_t);
         valid_conv(reinterpret_cast<const float*>(in), w_packed.const_data_ptr<float>(), forward_geometry(), co_t, out);
@@ -152,7 +156,7 @@ struct ConvProducts {
     if (tiled) {  // tile is (K, co_t) here
       tile.resize(K * co_t);
       for (int64_t b = first; b < first + count; ++b) {
-        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, thread);
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);
         const float* dzb = reinterpret_cast<const float*>(dz + (b - first) * P * C);
         if (co_t != C) {  // dz padded with zero channels, which the tiles' extra columns then sum
           float* d = scratch(thread, P, co_t);
@@ -192,7 +196,7 @@ struct ConvProducts {
       const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
       const ImageGeometry gx{g.hout + 2 * ph, g.wout + 2 * pw, C, g.kh, g.kw, g.h, g.w};
       for (int64_t b = 0; b < count; ++b) {
-        const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, thread);
+        const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, padded_dz[thread]);
         float* dxb = reinterpret_cast<float*>(dx + b * image);
         float* out = ci_t == g.cin ? dxb : scratch(thread, g.h * g.w, ci_t);
         valid_conv(reinterpret_cast<const float*>(in), w_flipped.const_data_ptr<float>(), gx, ci_t, out);
