@@ -202,9 +202,19 @@ def start_run(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> Run:
         run.history, run.epoch, run.step, run.sums, run.seen = restore_state(
             state, out, model, optimizer, scheduler, run.aug_gen, device, cfg.epochs, steps_per_epoch)
         log(f"fastmnist: resuming {out} at epoch {run.epoch + 1}, step {run.step}/{steps_per_epoch}")
-    log(f"fastmnist: model {cfg.model} ({count_parameters(model):,} parameters), impl {kwargs['impl']}, "
-        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    log(f"fastmnist: model {cfg.model} ({count_parameters(model):,} parameters), impl {kwargs['impl']}"
+        f"{kernel_path_note(kwargs['impl'], device)}, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads")
     return run
+
+
+def kernel_path_note(impl: str, device: torch.device) -> str:
+    """' (avx2 tiles)' and the like on the fused CPU path, so a run's log names the kernels that ran it."""
+    if impl != "fused" or device.type != "cpu":
+        return ""
+    from fastmnist import ops
+
+    return f" ({ops.cpu_kernel_path()})"
 
 
 def load_data(cfg: TrainConfig, device: torch.device, log) -> tuple:
