@@ -55,7 +55,8 @@ def per_class_table(summary: dict) -> str:
     lines = ["digit  correct/total  accuracy  most often predicted instead"]
     for c in summary["per_class"]:
         acc = f"{100 * c['accuracy']:7.2f}%" if c["total"] else "       -"
-        confused = "-" if c["most_confused_with"] is None else f"{c['most_confused_with']} ({c['most_confused_count']}x)"
+        confused = ("-" if c["most_confused_with"] is None
+                    else f"{c['most_confused_with']} ({c['most_confused_count']}x)")
         lines.append(f"{c['digit']:>5}  {c['correct']:>7}/{c['total']:<5}  {acc}  {confused}")
     return "\n".join(lines)
 
