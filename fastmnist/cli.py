@@ -11,6 +11,7 @@ from pathlib import Path
 # no other command uses, waits for its handler: it pulls in Pillow and torchvision (1.7 s measured).
 from fastmnist.checkpoint import CheckpointError, RunExistsError
 from fastmnist.data import MNISTDataError
+from fastmnist.report import ReportError, per_class_table, prepare_report_dir, summarize, write_report
 from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, evaluate_checkpoint, train
 
 DEFAULTS = TrainConfig()
@@ -19,7 +20,7 @@ DEFAULTS = TrainConfig()
 # build has no kernels, --device cuda without a GPU); and Ctrl-C (TrainingAborted is a second one).
 # predict's ImageError never gets here: each bad image is its own result line. Anything else, a
 # RuntimeError from a kernel included, is a bug and keeps its traceback.
-USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, ValueError, KeyboardInterrupt)
+USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, ReportError, ValueError, KeyboardInterrupt)
 
 
 def _number(kind, low, high=None, low_open=False):
@@ -80,10 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-test", type=_number(int, 1), help="use only the first N test images (smoke tests)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    e = sub.add_parser("eval", help="test accuracy of a saved model", description="Print the MNIST test accuracy of a model.pt.")
+    e = sub.add_parser("eval", help="test accuracy of a saved model, overall and per digit",
+                       description="Print the MNIST test accuracy of a model.pt, overall and per digit (with the "
+                       "digit each is most often mistaken for).")
     e.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
     e.add_argument("--data-dir", help="folder with the MNIST files (see train --data-dir)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--report", metavar="DIR", help="also write report.json (per-digit counts, confusion matrix, "
+                   "every mistake), confusion.png and mistakes.png (every misclassified digit) to DIR, created "
+                   "if needed; the PNGs need matplotlib")
 
     p = sub.add_parser("predict", help="classify your own digit images",
                        description="Classify images of handwritten digits (PNG or JPEG, any size, dark-on-light "
@@ -121,8 +127,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device)
+    if args.report:
+        prepare_report_dir(args.report)  # an unwritable folder fails before the evaluation, not after
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, predictions=True)
     print(f"{args.checkpoint}: test accuracy {100 * result['test_acc']:.2f}% (test loss {result['test_loss']:.4f})")
+    summary = summarize(result["labels"], result["probabilities"])
+    print(per_class_table(summary))
+    if args.report:
+        summary = {"checkpoint": str(args.checkpoint), "test_loss": result["test_loss"], **summary}
+        written = write_report(args.report, summary, result["images"])
+        print(f"report: {', '.join(str(p) for p in written)}")
     return 0
 
 

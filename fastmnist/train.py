@@ -84,19 +84,36 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def test_batches(model, images_u8, labels, batch_size=1000, memory_format=torch.contiguous_format):
+    """(logits, labels) per batch, in order: the one pass that evaluate and the eval report share."""
+    model.eval()
+    for i in range(0, len(labels), batch_size):
+        x = to_float_images(images_u8[i : i + batch_size]).contiguous(memory_format=memory_format)
+        yield model(x), labels[i : i + batch_size]
+
+
 @torch.no_grad()
 def evaluate(model, images_u8, labels, batch_size=1000, memory_format=torch.contiguous_format):
     """(mean loss, accuracy) over a dataset held as uint8 on the model's device."""
-    model.eval()
     loss_sum = torch.zeros((), device=labels.device)
     correct = torch.zeros((), device=labels.device, dtype=torch.long)
-    for i in range(0, len(labels), batch_size):
-        x = to_float_images(images_u8[i : i + batch_size]).contiguous(memory_format=memory_format)
-        logits = model(x)
-        y = labels[i : i + batch_size]
+    for logits, y in test_batches(model, images_u8, labels, batch_size, memory_format):
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     return loss_sum.item() / len(labels), correct.item() / len(labels)
+
+
+@torch.no_grad()
+def evaluate_with_probabilities(model, images_u8, labels, batch_size=1000, memory_format=torch.contiguous_format):
+    """(mean loss, accuracy, softmax probabilities N x 10 on the CPU): evaluate's numbers from the same batches."""
+    loss_sum = torch.zeros((), device=labels.device)
+    probs = []
+    for logits, y in test_batches(model, images_u8, labels, batch_size, memory_format):
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        probs.append(logits.float().softmax(1))
+    probs = torch.cat(probs).cpu()
+    correct = (probs.argmax(1) == labels.cpu()).sum().item()
+    return loss_sum.item() / len(labels), correct / len(labels), probs
 
 
 class StopFlag:
@@ -428,16 +445,22 @@ def plot_curves(history, path, log=print) -> bool:
     return True
 
 
-def evaluate_checkpoint(path, data_dir=None, device="auto", log=print) -> dict:
-    """Test accuracy of a saved model.pt."""
+def evaluate_checkpoint(path, data_dir=None, device="auto", log=print, predictions=False) -> dict:
+    """Test accuracy of a saved model.pt; with predictions, also the test set and the model's probabilities
+    ("images" uint8, "labels", "probabilities" N x 10, all on the CPU) for fastmnist.report."""
     dev = resolve_device(device)
     model, kwargs = checkpoint.load_model(path, device=dev)
     data = load_mnist(data_dir, log=log)
-    loss, acc = evaluate(model, data.test_images.to(dev), data.test_labels.to(dev),
-                         memory_format=MEMORY_FORMAT)
+    extra = {}
+    if predictions:
+        loss, acc, probs = evaluate_with_probabilities(model, data.test_images.to(dev), data.test_labels.to(dev),
+                                                       memory_format=MEMORY_FORMAT)
+        extra = {"images": data.test_images.cpu(), "labels": data.test_labels.cpu(), "probabilities": probs}
+    else:
+        loss, acc = evaluate(model, data.test_images.to(dev), data.test_labels.to(dev), memory_format=MEMORY_FORMAT)
     if not math.isfinite(loss):  # finite weights can still make NaN (a negative running variance, an overflow)
         raise checkpoint.CheckpointError(
             f"{path}: the model is broken: its outputs on the test set are NaN or infinite, so its accuracy "
             f"({100 * acc:.2f}%) means nothing; retrain it (`fastmnist train`) or pass another model.pt"
         )
-    return {"test_loss": loss, "test_acc": acc, "model_kwargs": kwargs}
+    return {"test_loss": loss, "test_acc": acc, "model_kwargs": kwargs, **extra}
