@@ -16,6 +16,15 @@ def run_cli(*args, timeout=300):
                           timeout=timeout)
 
 
+def one_line_error(result):
+    """The README's promise for a user's mistake: exit 2 and one line `fastmnist: error: ...`, no traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastmnist: error:"), result.stderr
+    return lines[0]
+
+
 def cpu_and_cuda():
     """Device parameters, the torchvision way: CUDA runs are marked needs_cuda."""
     return ("cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda))

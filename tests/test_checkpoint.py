@@ -2,17 +2,9 @@
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from fastmnist import checkpoint
 from fastmnist.checkpoint import PREVIOUS_RUN, CheckpointError, RunExistsError, load_model
-
-
-def one_line_error(result):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fastmnist: error:"), result.stderr
-    return lines[0]
 
 
 def test_an_empty_model_file_is_one_line(tmp_path):

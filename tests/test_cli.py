@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from fastmnist.checkpoint import MODEL_FORMAT
 from fastmnist.cli import main
 
@@ -66,14 +66,6 @@ def test_out_of_range_flags_are_argparse_errors(args, flag, capsys):
         main(args)
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
-
-
-def one_line_error(result):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fastmnist: error:"), result.stderr
-    return lines[0]
 
 
 def test_missing_checkpoint(tmp_path):

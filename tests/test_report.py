@@ -4,17 +4,9 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 from fastmnist.cli import main
 from fastmnist.report import MAX_MISTAKES_SHOWN, per_class_table, summarize
-
-
-def one_line_error(result):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fastmnist: error:"), result.stderr
-    return lines[0]
 
 
 def test_summary_of_known_predictions():
