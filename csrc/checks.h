@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace fastmnist {
 
@@ -69,6 +70,47 @@ inline void check_activation(const char* op, const at::Tensor& t, const at::Tens
                              at::IntArrayRef expected, const char* name) {
   check_same(op, t, x, name);
   TORCH_CHECK(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), ", expected ", expected);
+}
+
+// What the conv_relu_bn entry points of every device read from checked arguments.
+struct ConvReluBnArgs {
+  ConvGeometry g;
+  const at::Tensor* channel_scale;  // nullptr when there is none
+};
+
+// Every check of conv_relu_bn's arguments (op names the op in the messages).
+inline ConvReluBnArgs check_conv_relu_bn_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& bias, const at::Tensor& bn_weight,
+                                              const at::Tensor& bn_bias, const at::Tensor& running_mean,
+                                              const at::Tensor& running_var, bool training, int64_t padding,
+                                              const std::optional<at::Tensor>& channel_scale) {
+  const ConvGeometry g = check_conv_inputs(op, x, weight, padding);
+  const at::Tensor* scale = check_channel_scale(op, channel_scale, x, g.n, g.cout);
+  check_channel_vector(op, bias, x, g.cout, "bias");
+  check_channel_vector(op, bn_weight, x, g.cout, "bn_weight");
+  check_channel_vector(op, bn_bias, x, g.cout, "bn_bias");
+  check_channel_vector(op, running_mean, x, g.cout, "running_mean");
+  check_channel_vector(op, running_var, x, g.cout, "running_var");
+  TORCH_CHECK(!training || g.n * g.pixels() > 1, op, ": expected more than 1 value per channel when training, got output of ",
+              g.n, "x", g.pixels(), " pixels per channel (input ", x.sizes(), ")");
+  return {g, scale};
+}
+
+// Every check of conv_relu_bn_backward's arguments.
+inline ConvReluBnArgs check_conv_relu_bn_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                                       const at::Tensor& weight, const at::Tensor& relu_out,
+                                                       const at::Tensor& bn_weight, const at::Tensor& mean,
+                                                       const at::Tensor& var, int64_t padding,
+                                                       const std::optional<at::Tensor>& channel_scale) {
+  const ConvGeometry g = check_conv_inputs(op, x, weight, padding);
+  const at::Tensor* scale = check_channel_scale(op, channel_scale, x, g.n, g.cout);
+  const std::vector<int64_t> out_shape{g.n, g.cout, g.hout, g.wout};
+  check_activation(op, grad_y, x, out_shape, "grad_y");
+  check_activation(op, relu_out, x, out_shape, "relu_out");
+  check_channel_vector(op, bn_weight, x, g.cout, "bn_weight");
+  check_channel_vector(op, mean, x, g.cout, "mean");
+  check_channel_vector(op, var, x, g.cout, "var");
+  return {g, scale};
 }
 
 }  // namespace fastmnist

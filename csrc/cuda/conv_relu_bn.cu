@@ -551,16 +551,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_cuda(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
     double eps, int64_t padding, const std::optional<at::Tensor>& channel_scale_in) {
-  const fastmnist::ConvGeometry g = fastmnist::check_conv_inputs(kOp, x_in, weight, padding);
-  const at::Tensor* channel_scale = fastmnist::check_channel_scale(kOp, channel_scale_in, x_in, g.n, g.cout);
-  fastmnist::check_channel_vector(kOp, bias, x_in, g.cout, "bias");
-  fastmnist::check_channel_vector(kOp, bn_weight, x_in, g.cout, "bn_weight");
-  fastmnist::check_channel_vector(kOp, bn_bias, x_in, g.cout, "bn_bias");
-  fastmnist::check_channel_vector(kOp, running_mean, x_in, g.cout, "running_mean");
-  fastmnist::check_channel_vector(kOp, running_var, x_in, g.cout, "running_var");
-  TORCH_CHECK(!training || g.n * g.pixels() > 1, kOp,
-              ": expected more than 1 value per channel when training, got output of ", g.n, "x", g.pixels(),
-              " pixels per channel (input ", x_in.sizes(), ")");
+  const fastmnist::ConvReluBnArgs args = fastmnist::check_conv_relu_bn_args(
+      kOp, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, padding, channel_scale_in);
+  const fastmnist::ConvGeometry& g = args.g;
+  const at::Tensor* channel_scale = args.channel_scale;
   TORCH_INTERNAL_ASSERT(x_in.is_cuda());
   check_int32_images(kOp, g);
   // The ATen calls below are our internals, not ops autograd should record.
@@ -646,14 +640,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out,
     const at::Tensor& bn_weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
     int64_t padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale_in) {
-  const fastmnist::ConvGeometry g = fastmnist::check_conv_inputs(kBackwardOp, x_in, weight, padding);
-  const at::Tensor* channel_scale = fastmnist::check_channel_scale(kBackwardOp, channel_scale_in, x_in, g.n, g.cout);
-  const std::vector<int64_t> out_shape{g.n, g.cout, g.hout, g.wout};
-  fastmnist::check_activation(kBackwardOp, grad_y, x_in, out_shape, "grad_y");
-  fastmnist::check_activation(kBackwardOp, relu_out, x_in, out_shape, "relu_out");
-  fastmnist::check_channel_vector(kBackwardOp, bn_weight, x_in, g.cout, "bn_weight");
-  fastmnist::check_channel_vector(kBackwardOp, mean, x_in, g.cout, "mean");
-  fastmnist::check_channel_vector(kBackwardOp, var, x_in, g.cout, "var");
+  const fastmnist::ConvReluBnArgs args = fastmnist::check_conv_relu_bn_backward_args(
+      kBackwardOp, grad_y, x_in, weight, relu_out, bn_weight, mean, var, padding, channel_scale_in);
+  const fastmnist::ConvGeometry& g = args.g;
+  const at::Tensor* channel_scale = args.channel_scale;
   TORCH_INTERNAL_ASSERT(x_in.is_cuda());
   check_int32_images(kBackwardOp, g);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
