@@ -17,6 +17,7 @@
 #include "../checks.h"
 #include "conv_products.h"
 #include "dispatch_channels.h"
+#include "relu.h"
 
 #include <algorithm>
 #include <optional>
@@ -51,7 +52,7 @@ void activate_and_pool_impl(scalar_t* __restrict__ z, const scalar_t* __restrict
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t v = zp[c] + bias[c];
-        zp[c] = v < scalar_t(0) ? scalar_t(0) : v;  // NaN passes, as in torch.relu
+        zp[c] = fastmnist_cpu::relu(v);  // the parameter `relu` hides the function
       }
     } else {
       for (int64_t c = 0; c < C; ++c) zp[c] += bias[c];
@@ -134,13 +135,14 @@ void pooled_relu_grad_impl(const scalar_t* __restrict__ grad_out, const scalar_t
       for (; x < pw * pool; ++x) {
         const scalar_t* go = gorow + (x / pool) * C;
         scalar_t* d = drow + x * C;
-        // Branch-free (the product is formed either way), so the loop vectorises.
-        const scalar_t* rp = rrow ? rrow + x * C : go;  // without ReLU, a mask that passes all (go >= 0 or not)
+        // Branch-free (the product is formed either way), so the loop vectorises;
+        // rp is read only when masked (it points at go otherwise, never at null).
         const bool masked = rrow != nullptr;
+        const scalar_t* rp = masked ? rrow + x * C : go;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t v = go[c] * inv_area;
-          const scalar_t dv = masked && rp[c] <= scalar_t(0) ? scalar_t(0) : v;
+          const scalar_t dv = masked ? relu_grad(rp[c], v) : v;
           d[c] = dv;
           bias_sum[c] += dv;
         }
