@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastmnist import checkpoint
+from fastmnist import checkpoint, ops
 from fastmnist.data import load_mnist, random_affine, to_float_images
 from fastmnist.device import resolve_device
 from fastmnist.layers import resolve_impl
@@ -229,8 +229,6 @@ def kernel_path_note(impl: str, device: torch.device) -> str:
     """' (avx2 tiles)' and the like on the fused CPU path, so a run's log names the kernels that ran it."""
     if impl != "fused" or device.type != "cpu":
         return ""
-    from fastmnist import ops
-
     return f" ({ops.cpu_kernel_path()})"
 
 

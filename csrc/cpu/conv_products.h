@@ -54,8 +54,8 @@ void copy_rows(const scalar_t* src, int64_t ss, int64_t rows, int64_t cols, scal
 }
 
 // Why the tiles do not serve this convolution, or nullptr when they do.
-inline const char* tiles_refusal(const ConvGeometry& g, bool is_float, bool need_grad_x) {
-  (void)need_grad_x;  // the tiles serve any Cin and Cout (padded to a multiple of 8)
+// (They serve any Cin and Cout: other counts than multiples of 8 are padded.)
+inline const char* tiles_refusal(const ConvGeometry& g, bool is_float) {
   if (!is_float) return "float64 (the tiles are float32)";
   if (tile_isa() == TileIsa::none) return "no AVX2/AVX-512 (CPU, or ATEN_CPU_CAPABILITY=default)";
   if (g.pad >= g.kh || g.pad >= g.kw) return "padding >= kernel size";
@@ -65,7 +65,7 @@ inline const char* tiles_refusal(const ConvGeometry& g, bool is_float, bool need
 // The path a convolution of this geometry takes, e.g. "avx2 tiles",
 // "avx512 tiles, Cout 20 padded to 24" or "im2col+BLAS: float64 (...)".
 inline std::string describe_conv_path(const ConvGeometry& g, bool is_float, bool need_grad_x) {
-  if (const char* why = tiles_refusal(g, is_float, need_grad_x)) return std::string("im2col+BLAS: ") + why;
+  if (const char* why = tiles_refusal(g, is_float)) return std::string("im2col+BLAS: ") + why;
   std::string path = std::string(tile_isa_name(tile_isa())) + " tiles";
   if (tile_channels(g.cout) != g.cout)
     path += ", Cout " + std::to_string(g.cout) + " padded to " + std::to_string(tile_channels(g.cout));
@@ -91,7 +91,7 @@ struct ConvProducts {
                bool need_grad_x)
       : g(geom), opts(options), col(threads), padded_x(threads), padded_dz(threads), grad_tile(threads),
         out_pad(threads) {
-    tiled = tiles_refusal(g, std::is_same<scalar_t, float>::value, need_grad_x) == nullptr;
+    tiled = tiles_refusal(g, std::is_same<scalar_t, float>::value) == nullptr;
     wmat = weight_as_matrix(weight);
     if (tiled) {
       co_t = tile_channels(g.cout);
