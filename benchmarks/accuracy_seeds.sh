@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Train the default recipe for each seed and keep the raw logs and metrics:
-#   bash benchmarks/accuracy_seeds.sh [SEEDS...]   (default 0 1 2 3 4)
-# Results go to benchmarks/results/accuracy/seed<N>/ (metrics.json, curves.png)
-# and seed<N>.log; benchmarks/accuracy_table.py summarises them.
+# Train a model's recipe (`fastmnist train --model MODEL`, no other flag) for each seed and keep the raw
+# metrics:   bash benchmarks/accuracy_seeds.sh MODEL [SEEDS...]   (default seeds 0 1 2 3 4)
+# Results go to benchmarks/results/seeds/MODEL/seed<N>/ (metrics.json, curves.png), with seed<N>.log and
+# seed<N>.commit (the commit measured) beside them; benchmarks/accuracy_table.py summarises them.
+# Run nothing else CPU-heavy meanwhile: the minutes per run are part of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=benchmarks/results/accuracy
+model=${1:?usage: bash benchmarks/accuracy_seeds.sh MODEL [SEEDS...]}
+shift
+out=benchmarks/results/seeds/$model
 mkdir -p "$out"
-for seed in "${@:-0 1 2 3 4}"; do
-  for s in $seed; do
-    git rev-parse HEAD > "$out/seed$s.commit"  # the commit measured (metrics.json does not name it)
-    fastmnist train --seed "$s" --out "$out/seed$s" --overwrite --no-progress 2>&1 | tee "$out/seed$s.log"
-    rm -f "$out/seed$s/checkpoint.pt" "$out/seed$s/model.pt"  # raw figures only; weights stay out of git
+for s in "${@:-0 1 2 3 4}"; do
+  for seed in $s; do
+    git rev-parse HEAD > "$out/seed$seed.commit"
+    PYTHONUNBUFFERED=1 fastmnist train --model "$model" --seed "$seed" --out "$out/seed$seed" --overwrite \
+      --no-progress 2>&1 | tee "$out/seed$seed.log"
+    rm -f "$out/seed$seed/checkpoint.pt" "$out/seed$seed/model.pt"  # raw figures only; weights stay out of git
   done
 done

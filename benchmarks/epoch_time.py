@@ -18,7 +18,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from fastmnist import ops
 from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_images
+from fastmnist.device import cpu_model
 from fastmnist.model import build_model
 
 MNIST_TRAIN_IMAGES = 60000
@@ -98,18 +98,6 @@ def git_commit():
         return None
     dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def cpu_model():
-    """The CPU's marketing name (/proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args():

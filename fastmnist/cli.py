@@ -3,7 +3,6 @@ import argparse
 import json
 import sys
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 
 # One rule for imports: what the parser and main() need is imported here, once (train: TrainConfig's
@@ -11,10 +10,12 @@ from pathlib import Path
 # no other command uses, waits for its handler: it pulls in Pillow and torchvision (1.7 s measured).
 from fastmnist.checkpoint import CheckpointError, RunExistsError
 from fastmnist.data import MNISTDataError
+from fastmnist.model import LAYOUTS
+from fastmnist.recipes import describe
 from fastmnist.report import ReportError, per_class_table, prepare_report_dir, summarize, write_report
 from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, evaluate_checkpoint, train
 
-DEFAULTS = TrainConfig()
+DEFAULTS = TrainConfig()  # seed, impl, device: the settings no model's recipe sets
 # What the user can act on, shown as one line (--debug adds the traceback): the package's own errors,
 # whose messages give the remedy; ValueError, which argument checks raise (--impl fused where this
 # build has no kernels, --device cuda without a GPU); and Ctrl-C (TrainingAborted is a second one).
@@ -52,22 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "resumable checkpoint.pt (after every epoch) to --out. Ctrl-C saves and prints "
                        "the command that resumes.")
     t.add_argument("--epochs", type=_number(int, 1, 1000), default=None,
-                   help=f"passes over the 60,000 training images (default {DEFAULTS.epochs})")
+                   help=f"passes over the 60,000 training images (default {describe('epochs')})")
     t.add_argument("--batch-size", type=_number(int, 2, 60000), default=None,
-                   help=f"images per SGD step (default {DEFAULTS.batch_size})")
+                   help=f"images per SGD step (default {describe('batch_size')})")
     t.add_argument("--lr", type=_number(float, 0.0, 100.0, low_open=True), default=None,
-                   help=f"peak learning rate of the one-cycle schedule (default {DEFAULTS.lr})")
+                   help=f"peak learning rate of the one-cycle schedule (default {describe('lr')})")
     t.add_argument("--weight-decay", type=_number(float, 0.0, 1.0), default=None,
-                   help=f"SGD weight decay (default {DEFAULTS.weight_decay})")
+                   help=f"SGD weight decay (default {describe('weight_decay')})")
     t.add_argument("--dropout", type=_number(float, 0.0, 0.99), default=None,
-                   help=f"Dropout2d probability after each conv block (default {DEFAULTS.dropout})")
+                   help=f"Dropout2d probability after each conv block (default {describe('dropout')})")
+    t.add_argument("--label-smoothing", type=_number(float, 0.0, 0.99), default=None,
+                   help=f"label smoothing of the training loss (default {describe('label_smoothing')})")
+    t.add_argument("--ema-decay", type=_number(float, 0.0, 0.99999), default=None,
+                   help="per-step decay of the moving average of the weights (and BN statistics) that is "
+                   f"evaluated each epoch and saved as model.pt; 0 evaluates and saves the trained weights "
+                   f"themselves (default {describe('ema_decay')})")
     t.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="turn off the random rotation/scale/shift of training images")
     t.add_argument("--seed", type=_number(int, 0, 2**31 - 1), default=None,
                    help=f"random seed; same seed, device and impl give the same run on the CPU (default {DEFAULTS.seed})")
-    t.add_argument("--model", choices=["default", "reference"],
+    t.add_argument("--model", choices=sorted(LAYOUTS),
                    help="default: 18,458 parameters (blocks 2 and 4 widened to 24 channels); "
-                   f"reference: the assignment's 12,650-parameter network (docs/assignment.md) (default {DEFAULTS.model})")
+                   "reference: the assignment's 12,650-parameter network (docs/assignment.md); tiny: 7,506 "
+                   "parameters. Each has its own recipe: the defaults below, unless a flag overrides them "
+                   f"(default {DEFAULTS.model})")
     t.add_argument("--impl", choices=["auto", "fused", "stock"],
                    help="fused: our Conv+ReLU+BN operator; stock: torch.nn layers; auto: fused where built (default)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"],
@@ -103,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The train flags that set TrainConfig fields: their parser default is None, so that
 # cmd_train knows which the user gave (a resumed run keeps its saved settings).
-RUN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "dropout", "augment", "seed", "model", "impl",
-                "device", "limit_train", "limit_test")
+RUN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "dropout", "label_smoothing", "ema_decay", "augment",
+                "seed", "model", "impl", "device", "limit_train", "limit_test")
 
 
 def cmd_train(args) -> int:
@@ -120,8 +129,9 @@ def cmd_train(args) -> int:
                 "run with --out NEW_DIR"
             )
     # No --out: train.run_folder names a new folder under runs/.
-    cfg = TrainConfig(**{**asdict(DEFAULTS), **given, "data_dir": args.data_dir, "out": args.resume or args.out,
-                         "progress": args.progress and sys.stderr.isatty()})
+    # What the user did not give comes from the model's recipe (TrainConfig fills it in).
+    cfg = TrainConfig(**given, data_dir=args.data_dir, out=args.resume or args.out,
+                      progress=args.progress and sys.stderr.isatty())
     train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
 

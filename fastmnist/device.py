@@ -1,4 +1,6 @@
-"""Which device a command runs on: the one place that turns --device into a torch.device."""
+"""Which device a command runs on: the one place that turns --device into a torch.device; and its name."""
+import platform
+
 import torch
 
 
@@ -11,3 +13,27 @@ def resolve_device(name) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """What a result should name: the GPU's name, or the CPU's (see cpu_model)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo, with its family and model numbers (a VM may show only "AMD EPYC",
+    and the numbers tell Zen 3 from Zen 4); elsewhere what platform knows."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name

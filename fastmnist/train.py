@@ -23,23 +23,29 @@ from tqdm import tqdm
 
 from fastmnist import checkpoint, ops
 from fastmnist.data import load_mnist, random_affine, to_float_images
-from fastmnist.device import resolve_device
+from fastmnist.device import device_name, resolve_device
+from fastmnist.ema import WeightAverage
 from fastmnist.layers import resolve_impl
-from fastmnist.model import build_model, count_parameters
+from fastmnist.model import LAYOUTS, build_model, count_parameters
+from fastmnist.recipes import RECIPES
 
 MEMORY_FORMAT = torch.channels_last  # our kernels and oneDNN both prefer NHWC
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 18
-    batch_size: int = 128
-    lr: float = 0.2  # OneCycleLR peak
-    momentum: float = 0.9  # SGD, Nesterov
-    weight_decay: float = 5e-5
-    pct_start: float = 0.2  # OneCycleLR warm-up fraction
-    dropout: float = 0.05  # Dropout2d after each block
-    augment: bool = True  # rotation 8 deg, scale 5%, shift 8%
+    """A run's settings. Those left None take the model's recipe (fastmnist.recipes) when the config is made."""
+
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None  # OneCycleLR peak
+    momentum: Optional[float] = None  # SGD, Nesterov
+    weight_decay: Optional[float] = None
+    pct_start: Optional[float] = None  # OneCycleLR warm-up fraction
+    dropout: Optional[float] = None  # Dropout2d after each block
+    label_smoothing: Optional[float] = None
+    ema_decay: Optional[float] = None  # per-step decay of the weight average that is evaluated and saved; 0: none
+    augment: Optional[bool] = None  # rotation 8 deg, scale 5%, shift 8%
     seed: int = 0
     model: str = "default"
     impl: str = "auto"  # fused | stock | auto (fused where built)
@@ -50,6 +56,13 @@ class TrainConfig:
     limit_train: Optional[int] = None  # first N training images only (tests, smoke runs)
     limit_test: Optional[int] = None
     progress: bool = True
+
+    def __post_init__(self):
+        if self.model not in RECIPES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(RECIPES)}")
+        for name, value in RECIPES[self.model].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 class TrainingStopped(Exception):
@@ -183,15 +196,22 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     aug_gen: torch.Generator
     steps_per_epoch: int
+    ema: Optional[WeightAverage] = None  # the weight average, when cfg.ema_decay > 0
     history: list = field(default_factory=list)
     epoch: int = 0
     step: int = 0
     sums: Optional[torch.Tensor] = None  # loss sum, correct: on the device, so a step needs no host sync
     seen: int = 0
 
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """What is evaluated and saved: the weight average where there is one, else the trained weights."""
+        return self.model if self.ema is None else self.ema.module
+
     def save(self, kind: str) -> None:
         checkpoint.save_training_state(self.out, {
             "config": asdict(self.cfg), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": checkpoint.get_rng_states(self.aug_gen, self.device),
             "history": self.history, "epoch": self.epoch, "step": self.step, "sums": self.sums.cpu(),
             "seen": self.seen, "kind": kind,
@@ -213,11 +233,11 @@ def start_run(cfg: TrainConfig, out: Path, state: Optional[dict], log) -> Run:
     steps_per_epoch = math.ceil(len(data[1]) / cfg.batch_size)
     optimizer, scheduler = build_optimiser(model, cfg, steps_per_epoch)
     run = Run(cfg, out, device, data, model, kwargs, optimizer, scheduler,
-              torch.Generator(device=device).manual_seed(cfg.seed), steps_per_epoch,
+              torch.Generator(device=device).manual_seed(cfg.seed), steps_per_epoch, build_ema(model, cfg.ema_decay),
               sums=torch.zeros(2, device=device, dtype=torch.float64))
     if state is not None:
         run.history, run.epoch, run.step, run.sums, run.seen = restore_state(
-            state, out, model, optimizer, scheduler, run.aug_gen, device, cfg.epochs, steps_per_epoch)
+            state, out, model, optimizer, scheduler, run.ema, run.aug_gen, device, cfg.epochs, steps_per_epoch)
         log(f"fastmnist: resuming {out} at epoch {run.epoch + 1}, step {run.step}/{steps_per_epoch}")
     log(f"fastmnist: model {cfg.model} ({count_parameters(model):,} parameters), impl {kwargs['impl']}"
         f"{kernel_path_note(kwargs['impl'], device)}, device {device}, torch {torch.__version__}, "
@@ -251,6 +271,11 @@ def build_optimiser(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: i
     return optimizer, scheduler
 
 
+def build_ema(model: torch.nn.Module, decay: float) -> Optional[WeightAverage]:
+    """The moving average of the weights and BN statistics, updated after every step (None when decay is 0)."""
+    return None if decay == 0 else WeightAverage(model, decay)
+
+
 def resumed_config(state: dict, cfg: TrainConfig, out: Path) -> TrainConfig:
     """The saved run's configuration, with what a resume may change (data_dir, progress) from cfg."""
     saved = state["config"]
@@ -279,7 +304,7 @@ def _config_types(annotation) -> tuple:
     return types + ((int,) if float in types else ())
 
 
-def restore_state(state, out, model, optimizer, scheduler, aug_gen, device, epochs, steps_per_epoch):
+def restore_state(state, out, model, optimizer, scheduler, ema, aug_gen, device, epochs, steps_per_epoch):
     """(history, epoch, step, sums, seen) from a checkpoint, into the freshly built objects.
 
     A damaged or foreign checkpoint fails here in one line naming the part that
@@ -299,6 +324,11 @@ def restore_state(state, out, model, optimizer, scheduler, aug_gen, device, epoc
         optimizer.load_state_dict(state["optimizer"])
         part = "scheduler state"
         scheduler.load_state_dict(state["scheduler"])
+        part = "weight average"
+        if (ema is None) != (state["ema"] is None):
+            raise ValueError("the run's settings and its checkpoint disagree on whether there is one")
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         part = "random number generator states"
         checkpoint.set_rng_states(state["rng"], aug_gen, device)
         part = "position"
@@ -348,11 +378,13 @@ def train_epoch(run: Run, stop: StopFlag) -> float:
         x = x.contiguous(memory_format=MEMORY_FORMAT)
         y = train_y[idx]
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
         run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update(model)
         with torch.no_grad():
             finite = torch.isfinite(loss)
             bad_step = torch.where(finite | (bad_step >= 0), bad_step, torch.full_like(bad_step, step))
@@ -383,7 +415,7 @@ def end_epoch(run: Run, train_seconds: float, log) -> None:
     """Evaluate, record and log the epoch, move to the next one and save the checkpoint."""
     cfg, (_, _, test_x, test_y) = run.cfg, run.data
     s = run.sums.tolist()
-    test_loss, test_acc = evaluate(run.model, test_x, test_y, cfg.eval_batch_size, MEMORY_FORMAT)
+    test_loss, test_acc = evaluate(run.final_model, test_x, test_y, cfg.eval_batch_size, MEMORY_FORMAT)
     record = {
         "epoch": run.epoch + 1, "train_loss": s[0] / run.seen, "train_acc": s[1] / run.seen, "test_loss": test_loss,
         "test_acc": test_acc, "epoch_seconds": train_seconds, "lr_end": run.scheduler.get_last_lr()[0],
@@ -400,15 +432,16 @@ def write_outputs(run: Run, log) -> dict:
     """metrics.json, model.pt and curves.png in the run folder; returns the metrics."""
     history, device = run.history, run.device
     metrics = {
-        "config": asdict(run.cfg), "model_kwargs": run.kwargs, "parameters": count_parameters(run.model),
+        "config": asdict(run.cfg), "model_kwargs": run.kwargs, "layout": LAYOUTS[run.cfg.model],
+        "parameters": count_parameters(run.model),
         "epochs": history, "final_test_acc": history[-1]["test_acc"],
         "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
         "total_train_seconds": sum(r["epoch_seconds"] for r in history), "torch_version": torch.__version__,
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": str(device), "device_name": device_name(device),
         "threads": torch.get_num_threads(),
     }
     checkpoint.write_json_atomic(run.out / "metrics.json", metrics)
-    checkpoint.save_model(run.out / "model.pt", run.model, run.kwargs)
+    checkpoint.save_model(run.out / "model.pt", run.final_model, run.kwargs)
     plot_curves(history, run.out / "curves.png", log)
     log(f"fastmnist: final test accuracy {100 * metrics['final_test_acc']:.2f}% -> {run.out}")
     return metrics

@@ -22,6 +22,20 @@ def test_help_explains_every_command():
     assert "the assignment's" in result.stdout and "(docs/assignment.md)" in result.stdout  # not SPEC.md
 
 
+@pytest.mark.slow
+def test_model_flag_alone_trains_with_that_models_recipe(mnist_dir, tmp_path):
+    """`train --model tiny` must take tiny's recipe, not the default model's (the README's tables rest on it)."""
+    from fastmnist.recipes import RECIPES
+
+    out = tmp_path / "run"
+    result = run_cli("train", "--model", "tiny", "--lr", "0.1", "--limit-train", "256", "--limit-test", "100",
+                     "--no-progress", "--data-dir", mnist_dir, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"] == {**metrics["config"], **RECIPES["tiny"], "lr": 0.1, "model": "tiny"}
+    assert len(metrics["epochs"]) == RECIPES["tiny"]["epochs"] and metrics["parameters"] == 7506
+
+
 @pytest.fixture(scope="module")
 def trained_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from fastmnist import ops
 from fastmnist.layers import ConvReLUBN
-from fastmnist.model import build_model, count_parameters
+from fastmnist.model import LAYOUTS, build_model, count_parameters
 
 needs_fused = pytest.mark.skipif(not ops.fused_available(), reason=f"{ops.fused_unavailable_reason()}")
 
@@ -14,9 +14,23 @@ needs_fused = pytest.mark.skipif(not ops.fused_available(), reason=f"{ops.fused_
 def test_parameter_counts():
     assert count_parameters(build_model("reference", impl="stock")) == 12650  # docs/assignment.md's network
     assert count_parameters(build_model(impl="stock")) == 18458 < 20000
+    assert count_parameters(build_model("tiny", impl="stock")) == 7506 <= 8000  # the tiny model's bound
 
 
-@pytest.mark.parametrize("name", ["default", "reference"])
+@needs_fused
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_model_runs_its_3x3_blocks_on_the_tiles_unpadded(name):
+    """Each model's widths are ones the CPU tiles take at full speed: no im2col, no channel padding."""
+    x = torch.zeros(2, 1, 28, 28)
+    for i, layer in enumerate(build_model(name, impl="fused")):
+        if isinstance(layer, ConvReLUBN):  # the first block's input is the images: no gradient wanted
+            path = ops.conv_path(x.contiguous(memory_format=torch.channels_last), layer.conv.weight,
+                                 compute_grad_x=i > 1)
+            assert path.endswith("tiles"), (layer, path)
+        x = layer.eval()(x)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_no_fully_connected_layer(name):
     model = build_model(name, impl="stock")
     assert not any(isinstance(m, (nn.Linear, nn.Bilinear)) for m in model.modules())
@@ -53,7 +67,7 @@ def test_unknown_model_and_bad_dropout_are_refused():
         build_model(impl="stock", dropout=1.5)
 
 
-@pytest.mark.parametrize("name", ["default", "reference"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
 @pytest.mark.parametrize("impl", ["stock", pytest.param("fused", marks=needs_fused)])
 def test_fold_gives_the_same_eval_outputs(impl, name):
     torch.manual_seed(0)

@@ -71,6 +71,34 @@ def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, mon
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # model.pt is the weight average, which the checkpoint carried across the interruption.
+    whole_state, cut_state = (checkpoint.load_training_state(tmp_path / run) for run in ("whole", "cut"))
+    assert whole_state["ema"]["updates"] == cut_state["ema"]["updates"] == 2 * 8  # 1024 images, 128 a step
+    for key, value in whole_state["ema"]["module"].items():
+        assert torch.equal(value, cut_state["ema"]["module"][key]), key
+    assert not torch.equal(b["1.conv.weight"], cut_state["model"]["1.conv.weight"])
+
+
+@pytest.mark.slow
+def test_without_the_average_model_pt_holds_the_trained_weights(mnist_dir, tmp_path):
+    train(tiny(mnist_dir, tmp_path / "run", epochs=1, ema_decay=0.0), log=quiet)
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
+    state = checkpoint.load_training_state(tmp_path / "run")
+    assert state["ema"] is None
+    for key, value in state["model"].items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_each_model_gets_its_recipe_and_flags_override_it():
+    from fastmnist.recipes import RECIPES
+
+    for name, recipe in RECIPES.items():
+        cfg = TrainConfig(model=name)
+        assert {k: getattr(cfg, k) for k in recipe} == recipe
+    assert TrainConfig(model="tiny", epochs=3, ema_decay=0.0).epochs == 3
+    assert TrainConfig().epochs <= 10 and TrainConfig(model="reference").epochs <= 15
+    with pytest.raises(ValueError, match="unknown model 'huge'"):
+        TrainConfig(model="huge")
 
 
 @pytest.mark.slow

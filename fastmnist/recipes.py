@@ -1,0 +1,35 @@
+"""How each model is trained: the settings `fastmnist train --model NAME` uses when no flag overrides them.
+
+One recipe per model, in one place. The README's "Recipe" section gives the
+measurement behind each choice (benchmarks/results/recipe/ holds the runs).
+"""
+
+# The default network's recipe; the other models differ only where noted.
+_BASE = {
+    "epochs": 10,
+    "batch_size": 128,
+    "lr": 0.2,  # one-cycle peak
+    "momentum": 0.9,  # SGD, Nesterov
+    "weight_decay": 5e-5,
+    "pct_start": 0.2,  # one-cycle warm-up fraction
+    "dropout": 0.05,  # Dropout2d after each 3x3 block
+    "label_smoothing": 0.1,
+    "ema_decay": 0.999,  # per step; the average is what is evaluated and saved; 0 turns it off
+    "augment": True,  # rotation 8 deg, scale 5%, shift 8%
+}
+
+RECIPES = {
+    "default": _BASE,
+    "reference": {**_BASE, "epochs": 15},
+    "tiny": {**_BASE, "epochs": 15},
+}
+
+
+def describe(setting: str) -> str:
+    """The recipes' value of one setting for --help: '10' or '10 (reference, tiny: 15)'."""
+    default = RECIPES["default"][setting]
+    others = {}
+    for name, recipe in RECIPES.items():
+        if recipe[setting] != default:
+            others.setdefault(recipe[setting], []).append(name)
+    return str(default) + "".join(f" ({', '.join(names)}: {value})" for value, names in others.items())
