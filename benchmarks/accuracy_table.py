@@ -94,8 +94,9 @@ def ablation(folder=RESULTS / "recipe"):
         if not runs:
             continue
         cfg = runs[0]["config"]
-        recipe = RECIPES[cfg["model"]]
+        recipe = RECIPES.get(cfg["model"], RECIPES["default"])  # a probe's model name may have gone since
         changed = [f"{k} {cfg[k]}" for k in SETTINGS if k in cfg and cfg[k] != recipe.get(k)]
+        changed.append(f"layout {runs[0].get('layout', '(not recorded)')}")
         finals = [100 * m["final_test_acc"] for m in runs]
         rows.append((cfg["model"], ", ".join(changed) or "the recipe", ", ".join(str(m["config"]["seed"]) for m in runs),
                      statistics.mean(finals), min(finals), d.name))

@@ -31,6 +31,7 @@ from fastmnist import ops
 from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_images
 from fastmnist.device import cpu_model
 from fastmnist.model import build_model
+from fastmnist.recipes import RECIPES
 
 MNIST_TRAIN_IMAGES = 60000
 REPO = Path(__file__).resolve().parent.parent
@@ -53,13 +54,15 @@ def make_batches(n_batches, batch_size, device, data_dir, random_images):
 
 def make_variant(impl, memory_format, compiled, device):
     torch.manual_seed(0)
-    model = build_model(impl=impl, device=device).to(memory_format=memory_format)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-5)
+    recipe = RECIPES["default"]  # the training step `fastmnist train` takes, less its weight-average update
+    model = build_model(impl=impl, dropout=recipe["dropout"], device=device).to(memory_format=memory_format)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=recipe["momentum"], nesterov=True,
+                          weight_decay=recipe["weight_decay"])
     forward = torch.compile(model) if compiled else model
 
     def step(x, y):
         x = x.contiguous(memory_format=memory_format)
-        loss = F.cross_entropy(forward(x), y)
+        loss = F.cross_entropy(forward(x), y, label_smoothing=recipe["label_smoothing"])
         for p in model.parameters():
             p.grad = None
         loss.backward()

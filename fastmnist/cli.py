@@ -73,10 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_number(int, 0, 2**31 - 1), default=None,
                    help=f"random seed; same seed, device and impl give the same run on the CPU (default {DEFAULTS.seed})")
     t.add_argument("--model", choices=sorted(LAYOUTS),
-                   help="default: 18,458 parameters (blocks 2 and 4 widened to 24 channels); "
-                   "reference: the assignment's 12,650-parameter network (docs/assignment.md); tiny: 7,506 "
-                   "parameters. Each has its own recipe: the defaults below, unless a flag overrides them "
-                   f"(default {DEFAULTS.model})")
+                   help="default: 18,410 parameters; reference: the assignment's 12,650-parameter network "
+                   "(docs/assignment.md); tiny: 7,506 parameters. Each model has its own recipe, the defaults "
+                   f"named in this help, which any flag overrides (default {DEFAULTS.model})")
     t.add_argument("--impl", choices=["auto", "fused", "stock"],
                    help="fused: our Conv+ReLU+BN operator; stock: torch.nn layers; auto: fused where built (default)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"],

@@ -6,14 +6,14 @@ measurement behind each choice (benchmarks/results/recipe/ holds the runs).
 
 # The default network's recipe; the other models differ only where noted.
 _BASE = {
-    "epochs": 10,
+    "epochs": 8,
     "batch_size": 128,
     "lr": 0.2,  # one-cycle peak
     "momentum": 0.9,  # SGD, Nesterov
     "weight_decay": 5e-5,
     "pct_start": 0.2,  # one-cycle warm-up fraction
-    "dropout": 0.05,  # Dropout2d after each 3x3 block
-    "label_smoothing": 0.1,
+    "dropout": 0.0,  # Dropout2d after each 3x3 block: off, it cost accuracy in runs this short
+    "label_smoothing": 0.0,  # 0.1 cost 0.07-0.10 points on seed 3 (default, reference)
     "ema_decay": 0.999,  # per step; the average is what is evaluated and saved; 0 turns it off
     "augment": True,  # rotation 8 deg, scale 5%, shift 8%
 }

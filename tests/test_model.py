@@ -13,7 +13,7 @@ needs_fused = pytest.mark.skipif(not ops.fused_available(), reason=f"{ops.fused_
 
 def test_parameter_counts():
     assert count_parameters(build_model("reference", impl="stock")) == 12650  # docs/assignment.md's network
-    assert count_parameters(build_model(impl="stock")) == 18458 < 20000
+    assert count_parameters(build_model(impl="stock")) == 18410 < 20000
     assert count_parameters(build_model("tiny", impl="stock")) == 7506 <= 8000  # the tiny model's bound
 
 
@@ -88,24 +88,31 @@ def test_fused_and_stock_models_follow_the_same_loss_trajectory():
     """Same init, same batches, 20 SGD steps: the losses agree step by step.
 
     Training amplifies rounding differences (stock NCHW against stock
-    channels_last drifts ~4e-3 here by step 20), so a moderate learning rate
-    and a tolerance above that float noise but far below a wrong gradient."""
+    channels_last drifts ~1e-2 here by step 20), so the rule is the one the
+    op tests use: against the float64 stock trajectory, the fused float32
+    losses stray at most twice as far as the stock float32 ones do."""
     torch.manual_seed(0)
     stock = build_model(impl="stock", dropout=0.0)
     fused = build_model(impl="fused", dropout=0.0)
+    exact = build_model(impl="stock", dropout=0.0).double()
     fused.load_state_dict(stock.state_dict())
+    exact.load_state_dict(stock.state_dict())
     fused = fused.to(memory_format=torch.channels_last)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (stock, fused)]
+    models = (exact, stock, fused)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
     gen = torch.Generator().manual_seed(1)
-    losses = {0: [], 1: []}
+    losses = [[], [], []]
     for _ in range(20):
         x = torch.rand(32, 1, 28, 28, generator=gen)
         y = torch.randint(0, 10, (32,), generator=gen)
-        for i, (model, opt) in enumerate(zip((stock, fused), opts)):
-            loss = F.cross_entropy(model(x), y)
+        for i, (model, opt) in enumerate(zip(models, opts)):
+            loss = F.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
             opt.zero_grad(), loss.backward(), opt.step()
             losses[i].append(loss.item())
-    assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3, atol=1e-4)
+    exact_losses, stock_losses, fused_losses = (torch.tensor(v, dtype=torch.float64) for v in losses)
+    stock_error = (stock_losses - exact_losses).abs().max().item()
+    fused_error = (fused_losses - exact_losses).abs().max().item()
+    assert fused_error <= 2 * stock_error + 1e-4, (fused_error, stock_error)
 
 
 @needs_fused

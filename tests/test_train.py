@@ -28,7 +28,7 @@ def comparable(metrics):
 def test_short_run_clearly_beats_chance(mnist_dir, tmp_path):
     metrics = train(tiny(mnist_dir, tmp_path / "run", epochs=2, limit_train=4096, lr=0.1), log=quiet)
     assert metrics["final_test_acc"] > 0.6  # chance is 0.1
-    assert metrics["parameters"] == 18458 and len(metrics["epochs"]) == 2
+    assert metrics["parameters"] == 18410 and len(metrics["epochs"]) == 2
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["final_test_acc"] == metrics["final_test_acc"]
     ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
