@@ -89,18 +89,6 @@ def test_without_the_average_model_pt_holds_the_trained_weights(mnist_dir, tmp_p
         assert torch.equal(value, saved[key]), key
 
 
-def test_each_model_gets_its_recipe_and_flags_override_it():
-    from fastmnist.recipes import RECIPES
-
-    for name, recipe in RECIPES.items():
-        cfg = TrainConfig(model=name)
-        assert {k: getattr(cfg, k) for k in recipe} == recipe
-    assert TrainConfig(model="tiny", epochs=3, ema_decay=0.0).epochs == 3
-    assert TrainConfig().epochs <= 10 and TrainConfig(model="reference").epochs <= 15
-    with pytest.raises(ValueError, match="unknown model 'huge'"):
-        TrainConfig(model="huge")
-
-
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch):
     original = train_module.F.cross_entropy
