@@ -82,8 +82,7 @@ def plot_seeds(models, path):
     print(f"wrote {path}")
 
 
-SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "pct_start", "dropout", "label_smoothing", "ema_decay",
-            "augment")
+SETTINGS = tuple(RECIPES["default"])  # what a recipe sets, so what an ablation can have changed
 
 
 def ablation(folder=RESULTS / "recipe"):
