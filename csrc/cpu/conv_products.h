@@ -85,12 +85,12 @@ struct ConvProducts {
   at::Tensor w_flipped;        // tiled: (KH * KW * Cout, ci_t), the flipped, transposed weight for grad_x
   // Per-thread buffers. padded_x and padded_dz each hold one geometry for the
   // whole call, so their zero borders are written once, not per image.
-  std::vector<std::vector<scalar_t>> col, padded_x, padded_dz, grad_tile, out_pad;
+  std::vector<std::vector<scalar_t>> col, padded_x, padded_dz, grad_tile, out_pad, y_pad;
 
   ConvProducts(const ConvGeometry& geom, const at::Tensor& weight, const at::TensorOptions& options, int threads,
                bool need_grad_x)
       : g(geom), opts(options), col(threads), padded_x(threads), padded_dz(threads), grad_tile(threads),
-        out_pad(threads) {
+        out_pad(threads), y_pad(threads) {
     tiled = tiles_refusal(g, std::is_same<scalar_t, float>::value) == nullptr;
     wmat = weight_as_matrix(weight);
     if (tiled) {
@@ -116,6 +116,12 @@ struct ConvProducts {
 
   ImageGeometry forward_geometry() const { return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout}; }
 
+  // This thread's scratch for the y of a tile epilogue with padded channels.
+  scalar_t* padded_y(int thread, int64_t size) {
+    y_pad[thread].resize(size);
+    return y_pad[thread].data();
+  }
+
   // This thread's (rows, cols) scratch for a tile output padded to cols channels.
   float* scratch(int thread, int64_t rows, int64_t cols) {
     auto& buf = out_pad[thread];
@@ -123,16 +129,35 @@ struct ConvProducts {
     return reinterpret_cast<float*>(buf.data());
   }
 
-  // z[rows of images first .. first + count, Cout] = conv(x), no bias.
-  void forward(const scalar_t* x, int64_t first, int64_t count, int thread, scalar_t* z) {
+  // Channels in a tile row: what the arrays of a TileEpilogue hold (Cout, or
+  // Cout padded to the tiles' multiple; the padded channels' entries are 0).
+  int64_t epilogue_channels() const { return tiled ? co_t : g.cout; }
+
+  // z[rows of images first .. first + count, Cout] = conv(x), no bias; or,
+  // with an epilogue (tiled only), what the epilogue makes of it (relu_out in
+  // z, and its y).
+  void forward(const scalar_t* x, int64_t first, int64_t count, int thread, scalar_t* z,
+               const TileEpilogue* epilogue = nullptr) {
     const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
+    TORCH_INTERNAL_ASSERT(tiled || epilogue == nullptr, "a tile epilogue without tiles");
     if (tiled) {
       for (int64_t b = first; b < first + count; ++b) {
         const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);
         float* zb = reinterpret_cast<float*>(z + (b - first) * P * C);
-        float* out = co_t == C ? zb : scratch(thread, P, co_t);
-        valid_conv(reinterpret_cast<const float*>(in), w_packed.const_data_ptr<float>(), forward_geometry(), co_t, out);
-        if (out != zb) copy_rows(out, co_t, P, C, zb, C);
+        if (co_t == C) {
+          valid_conv(reinterpret_cast<const float*>(in), w_packed.const_data_ptr<float>(), forward_geometry(), C, zb,
+                     epilogue);
+          continue;
+        }
+        // Padded channels: the tiles write (P, co_t) scratch rows, copied out without the padding.
+        TileEpilogue ep = epilogue ? *epilogue : TileEpilogue{};
+        float* y = ep.y;
+        if (y) ep.y = reinterpret_cast<float*>(padded_y(thread, P * co_t));
+        float* out = scratch(thread, P, co_t);
+        valid_conv(reinterpret_cast<const float*>(in), w_packed.const_data_ptr<float>(), forward_geometry(), co_t, out,
+                   epilogue ? &ep : nullptr);
+        copy_rows(out, co_t, P, C, zb, C);
+        if (y) copy_rows(ep.y, co_t, P, C, y, C);
       }
       return;
     }

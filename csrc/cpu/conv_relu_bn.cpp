@@ -5,9 +5,10 @@
 //     z[p, co] = sum_k patch(p)[k] wmat[co, k] + bias[co].
 // Work is split over images. ConvProducts computes the convolution's three
 // products (forward, weight gradient, input gradient) for a chunk of images
-// (conv_products.h: register tiles per ISA, or im2col and torch's BLAS). The rows of z
-// are finished while they are still in cache: bias, ReLU and the per-channel
-// sums of the batch statistics in one epilogue. One more pass normalises.
+// (conv_products.h: register tiles per ISA, or im2col and torch's BLAS). The
+// output values are finished while they are still in registers (tiles: the
+// TileEpilogue) or in cache (im2col: relu_epilogue): bias, ReLU and the
+// per-channel sums of the batch statistics. One more pass normalises.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -162,23 +163,60 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
     set_affine(m64.data(), v64.data());
   }
 
-  std::vector<double> partial_sum(threads * C, 0.0), partial_sumsq(threads * C, 0.0);
   ConvProducts<scalar_t> conv(g, weight, x.options(), threads, /*need_grad_x=*/false);
-  for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
-    scalar_t* z = r_ptr + first * P * C;
-    conv.forward(x_ptr, first, count, thread, z);
-    relu_epilogue<scalar_t>(z, b_ptr, count, P, C, training, partial_sum.data() + thread * C,
-                            partial_sumsq.data() + thread * C, scale.data(), shift.data(),
-                            image_scale(channel_scale, first, C), y_ptr + first * P * C);
-  });
+  // Per-thread double partials of the statistics, CT channels each (CT >= C:
+  // the tiles' epilogue works on whole tile rows, padded channels included).
+  const int64_t CT = conv.epilogue_channels();
+  std::vector<double> partial_sum(threads * CT, 0.0), partial_sumsq(threads * CT, 0.0);
+  if (conv.tiled) {
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      // The tiles apply bias, ReLU and the statistics (training) or the affine
+      // map (eval) to each output value while it is in a register.
+      auto padded = [CT](const float* v, int64_t n) {
+        std::vector<float> out(CT, 0.0f);
+        std::copy_n(v, n, out.begin());
+        return out;
+      };
+      const std::vector<float> bias_t = padded(b_ptr, C);
+      std::vector<std::vector<float>> affine(threads, std::vector<float>(2 * CT, 0.0f));
+      for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
+        TileEpilogue ep;
+        ep.bias = bias_t.data();
+        ep.relu = true;
+        if (training) {
+          ep.sum = partial_sum.data() + thread * CT;
+          ep.sumsq = partial_sumsq.data() + thread * CT;
+        } else {  // chunk() is one image when tiled: its channel scale folds into the map
+          const float* s = image_scale(channel_scale, first, C);
+          float* sc = affine[thread].data();
+          for (int64_t c = 0; c < C; ++c) {
+            sc[c] = s ? scale[c] * s[c] : scale[c];
+            sc[CT + c] = s ? shift[c] * s[c] : shift[c];
+          }
+          ep.scale = sc;
+          ep.shift = sc + CT;
+          ep.y = y_ptr + first * P * C;
+        }
+        conv.forward(x_ptr, first, count, thread, r_ptr + first * P * C, &ep);
+      });
+    }
+  } else {
+    for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
+      scalar_t* z = r_ptr + first * P * C;
+      conv.forward(x_ptr, first, count, thread, z);
+      relu_epilogue<scalar_t>(z, b_ptr, count, P, C, training, partial_sum.data() + thread * CT,
+                              partial_sumsq.data() + thread * CT, scale.data(), shift.data(),
+                              image_scale(channel_scale, first, C), y_ptr + first * P * C);
+    });
+  }
   if (!training) return;
 
   const double M = static_cast<double>(g.n * P);
   scalar_t* mean_ptr = mean.mutable_data_ptr<scalar_t>();
   scalar_t* var_ptr = var.mutable_data_ptr<scalar_t>();
   for (int64_t c = 0; c < C; ++c) {
-    m64[c] = sum_over_threads(partial_sum, threads, C, c) / M;
-    v64[c] = std::max(sum_over_threads(partial_sumsq, threads, C, c) / M - m64[c] * m64[c], 0.0);
+    m64[c] = sum_over_threads(partial_sum, threads, CT, c) / M;
+    v64[c] = std::max(sum_over_threads(partial_sumsq, threads, CT, c) / M - m64[c] * m64[c], 0.0);
     mean_ptr[c] = static_cast<scalar_t>(m64[c]);
     var_ptr[c] = static_cast<scalar_t>(v64[c]);
   }

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -40,12 +41,10 @@ ConvGeometry check_pool_inputs(const char* op, const at::Tensor& x, const at::Te
   return g;
 }
 
-// One image: r = act(z + bias) in place (z is (hout * wout, C)), and its
-// pooled means into out ((hout / pool) * (wout / pool), C). CO as in dispatch_channels.
+// One image: r = act(z + bias) in place (z is (hout * wout, C)). CO as in dispatch_channels.
 template <typename scalar_t, int64_t CO>
-void activate_and_pool_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ bias, const ConvGeometry& g,
-                            bool relu, int64_t pool, scalar_t* __restrict__ out) {
-  const int64_t C = CO > 0 ? CO : g.cout, P = g.pixels(), ph = g.hout / pool, pw = g.wout / pool;
+void activate_impl(scalar_t* __restrict__ z, const scalar_t* __restrict__ bias, const ConvGeometry& g, bool relu) {
+  const int64_t C = CO > 0 ? CO : g.cout, P = g.pixels();
   for (int64_t p = 0; p < P; ++p) {
     scalar_t* zp = z + p * C;
     if (relu) {
@@ -58,6 +57,12 @@ void activate_and_pool_impl(scalar_t* __restrict__ z, const scalar_t* __restrict
       for (int64_t c = 0; c < C; ++c) zp[c] += bias[c];
     }
   }
+}
+
+// One image: the pooled means of r ((hout, wout, C)) into out ((hout / pool) * (wout / pool), C).
+template <typename scalar_t, int64_t CO>
+void pool_impl(const scalar_t* __restrict__ z, const ConvGeometry& g, int64_t pool, scalar_t* __restrict__ out) {
+  const int64_t C = CO > 0 ? CO : g.cout, ph = g.hout / pool, pw = g.wout / pool;
   const scalar_t inv_area = scalar_t(1) / static_cast<scalar_t>(pool * pool);
   for (int64_t oy = 0; oy < ph; ++oy) {
     for (int64_t ox = 0; ox < pw; ++ox) {
@@ -73,11 +78,13 @@ void activate_and_pool_impl(scalar_t* __restrict__ z, const scalar_t* __restrict
   }
 }
 
+// One image's activation (unless the tiles' epilogue applied it: bias == nullptr) and pooling.
 template <typename scalar_t>
 void activate_and_pool(scalar_t* z, const scalar_t* bias, const ConvGeometry& g, bool relu, int64_t pool,
                        scalar_t* out) {
   dispatch_channels(g.cout, [&](auto CO) {
-    activate_and_pool_impl<scalar_t, decltype(CO)::value>(z, bias, g, relu, pool, out);
+    if (bias) activate_impl<scalar_t, decltype(CO)::value>(z, bias, g, relu);
+    pool_impl<scalar_t, decltype(CO)::value>(z, g, pool, out);
   });
 }
 
@@ -101,6 +108,12 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(const at::Tensor& x_in
     ConvProducts<scalar_t> conv(g, weight, x.options(), threads, /*need_grad_x=*/false);
     const int64_t P = g.pixels(), C = g.cout, pooled = (g.hout / pool) * (g.wout / pool);
     std::vector<std::vector<scalar_t>> z_buffers(threads);
+    // Tiled, bias and ReLU are applied in registers (TileEpilogue) and only the pooling is left.
+    std::vector<float> bias_t(conv.epilogue_channels(), 0.0f);
+    if constexpr (std::is_same<scalar_t, float>::value) std::copy_n(b.const_data_ptr<float>(), C, bias_t.begin());
+    TileEpilogue ep;
+    ep.bias = bias_t.data();
+    ep.relu = relu;
     for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
       scalar_t* z;
       if (relu) {
@@ -109,9 +122,9 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(const at::Tensor& x_in
         z_buffers[thread].resize(count * P * C);
         z = z_buffers[thread].data();
       }
-      conv.forward(x.const_data_ptr<scalar_t>(), first, count, thread, z);
+      conv.forward(x.const_data_ptr<scalar_t>(), first, count, thread, z, conv.tiled ? &ep : nullptr);
       for (int64_t i = 0; i < count; ++i)
-        activate_and_pool(z + i * P * C, b.const_data_ptr<scalar_t>(), g, relu, pool,
+        activate_and_pool(z + i * P * C, conv.tiled ? nullptr : b.const_data_ptr<scalar_t>(), g, relu, pool,
                           out.mutable_data_ptr<scalar_t>() + (first + i) * pooled * C);
     });
   });

@@ -48,11 +48,12 @@ const char* tile_isa_name(TileIsa isa) {
   }
 }
 
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out) {
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                const TileEpilogue* epilogue) {
 #ifdef FASTMNIST_X86_TILES
   switch (tile_isa()) {
-    case TileIsa::avx512: return avx512::valid_conv(in, w, g, CO, out);
-    case TileIsa::avx2: return avx2::valid_conv(in, w, g, CO, out);
+    case TileIsa::avx512: return avx512::valid_conv(in, w, g, CO, out, epilogue);
+    case TileIsa::avx2: return avx2::valid_conv(in, w, g, CO, out, epilogue);
     default: break;
   }
 #endif

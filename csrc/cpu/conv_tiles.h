@@ -31,18 +31,35 @@ inline int64_t tile_channels(int64_t c) {
   return (c + kTileChannelMultiple - 1) / kTileChannelMultiple * kTileChannelMultiple;
 }
 
+// What valid_conv does with an output value z of channel c while it is still
+// in a register, before storing it: the forward's bias, ReLU and batch
+// statistics cost no pass over the output of their own. (With no epilogue,
+// valid_conv stores z as it is.)
+struct TileEpilogue {
+  const float* bias = nullptr;  // CO entries: z + bias[c] (nullptr: no bias)
+  bool relu = false;            // r = ReLU(z + bias), as torch.relu (NaN passes); else r = z + bias
+  double* sum = nullptr;        // CO entries each, when set: += r and += r * r over the pixels
+  double* sumsq = nullptr;      //   (summed in float within a tile, then added here in double)
+  const float* scale = nullptr; // CO entries each, when set: y = r * scale[c] + shift[c] is
+  const float* shift = nullptr; //   stored too, into y (laid out as out)
+  float* y = nullptr;
+};
+
 // The two loops (see conv_tiles_kernels.h), run with tile_isa()'s build.
 // w is (KH * KW * Cin, CO) and out (out_h * out_w, CO); dw is (KH * KW * Cin, CO).
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                const TileEpilogue* epilogue = nullptr);
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
 
 // The per-ISA builds (defined on x86-64 only).
 namespace avx2 {
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                const TileEpilogue* epilogue);
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
 }  // namespace avx2
 namespace avx512 {
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out);
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                const TileEpilogue* epilogue);
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
 }  // namespace avx512
 

@@ -11,8 +11,9 @@
 #include "conv_tiles_kernels.h"
 
 namespace fastmnist_cpu::avx2 {
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out) {
-  valid_conv_all<Ymm<16>>(in, w, g, CO, out);
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                const TileEpilogue* epilogue) {
+  valid_conv_all<Ymm<16>>(in, w, g, CO, out, epilogue);
 }
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
   weight_grad_all<Ymm<16>>(in, dz, g, CO, dw);

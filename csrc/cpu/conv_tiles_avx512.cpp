@@ -10,6 +10,11 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+// GCC 12 warns inside its own headers that _mm512_cvtps_pd's and
+// _mm512_extractf32x8_ps's "undefined" pass-through operand (self-initialised
+// on purpose) may be used uninitialised; it is masked off and never read.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "conv_tiles_ymm.h"
 namespace {
 struct Zmm {
@@ -21,20 +26,33 @@ struct Zmm {
   static inline type broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline type fmadd(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
   static inline type add(type a, type b) { return _mm512_add_ps(a, b); }
+  // torch.relu: 0 where v < 0; NaN (an unordered compare is false) passes.
+  static inline type relu(type v) {
+    return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps());
+  }
+  // d[0 .. 15] += v, in double.
+  static inline void add_to_double(double* d, type v) {
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+    _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), lo));
+    _mm512_storeu_pd(d + 8, _mm512_add_pd(_mm512_loadu_pd(d + 8), hi));
+  }
 };
 }  // namespace
 #include "conv_tiles_kernels.h"
 
 namespace fastmnist_cpu::avx512 {
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out) {
-  if (CO % Zmm::L == 0) return valid_conv_all<Zmm>(in, w, g, CO, out);
-  valid_conv_all<Ymm<32>>(in, w, g, CO, out);
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                const TileEpilogue* epilogue) {
+  if (CO % Zmm::L == 0) return valid_conv_all<Zmm>(in, w, g, CO, out, epilogue);
+  valid_conv_all<Ymm<32>>(in, w, g, CO, out, epilogue);
 }
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
   if (CO % Zmm::L == 0) return weight_grad_all<Zmm>(in, dz, g, CO, dw);
   weight_grad_all<Ymm<32>>(in, dz, g, CO, dw);
 }
 }  // namespace fastmnist_cpu::avx512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 #endif

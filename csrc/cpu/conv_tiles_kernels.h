@@ -54,12 +54,69 @@ inline void with_tile_size(int64_t n, const Fn& fn) {
   }
 }
 
+// Stores a tile's accumulators acc[j][v] (pixel j, channels c0 + L v ..) at
+// out + at + j CO + L v through the epilogue (conv_tiles.h, TileEpilogue).
+// The statistics go into the float partials sum[L v ..], sumsq[L v ..] (the
+// block adds them to the epilogue's doubles every few tiles). The branches
+// are per tile, outside the multiply-add loop.
+template <typename Vec, int NP, int V>
+inline void store_with_epilogue(typename Vec::type (&acc)[NP][V], const fastmnist_cpu::TileEpilogue& ep,
+                                int64_t CO, int64_t c0, int64_t at, float* __restrict__ out,
+                                float* __restrict__ sum, float* __restrict__ sumsq) {
+  constexpr int L = Vec::L;
+  FASTMNIST_UNROLL for (int v = 0; v < V; ++v) {
+    const auto bias = ep.bias ? Vec::load(ep.bias + c0 + L * v) : Vec::zero();
+    FASTMNIST_UNROLL for (int j = 0; j < NP; ++j) {
+      auto r = Vec::add(acc[j][v], bias);
+      if (ep.relu) r = Vec::relu(r);
+      acc[j][v] = r;
+      Vec::store(out + at + j * CO + L * v, r);
+    }
+  }
+  if (ep.sum) {
+    FASTMNIST_UNROLL for (int v = 0; v < V; ++v) {
+      auto s = Vec::load(sum + L * v), q = Vec::load(sumsq + L * v);
+      FASTMNIST_UNROLL for (int j = 0; j < NP; ++j) {
+        s = Vec::add(s, acc[j][v]);
+        q = Vec::fmadd(acc[j][v], acc[j][v], q);
+      }
+      Vec::store(sum + L * v, s);
+      Vec::store(sumsq + L * v, q);
+    }
+  }
+  if (ep.y) {
+    FASTMNIST_UNROLL for (int v = 0; v < V; ++v) {
+      const auto scale = Vec::load(ep.scale + c0 + L * v), shift = Vec::load(ep.shift + c0 + L * v);
+      FASTMNIST_UNROLL for (int j = 0; j < NP; ++j)
+        Vec::store(ep.y + at + j * CO + L * v, Vec::fmadd(acc[j][v], scale, shift));
+    }
+  }
+}
+
+// Adds the float partials of the statistics (V registers of channels from c0)
+// to the epilogue's doubles and clears them.
+template <typename Vec, int V>
+inline void flush_statistics(const fastmnist_cpu::TileEpilogue& ep, int64_t c0, float* sum, float* sumsq) {
+  FASTMNIST_UNROLL for (int v = 0; v < V; ++v) {
+    Vec::add_to_double(ep.sum + c0 + Vec::L * v, Vec::load(sum + Vec::L * v));
+    Vec::add_to_double(ep.sumsq + c0 + Vec::L * v, Vec::load(sumsq + Vec::L * v));
+    Vec::store(sum + Vec::L * v, Vec::zero());
+    Vec::store(sumsq + Vec::L * v, Vec::zero());
+  }
+}
+
+// The statistics are summed in float over this many tiles' pixels (at most
+// 4 * 24 = 96 values), then added in double: the rounding error of a short
+// float sum, at a tenth of the conversions that a per-tile flush costs.
+constexpr int kTilesPerFlush = 4;
+
 // NP consecutive output pixels p0 .. p0 + NP - 1 (p = oy * out_w + ox; a tile
 // may wrap onto the next row, so narrow images leave no ragged tiles at row
 // ends) x output channels c0 .. c0 + L V of CO. (oy0, ox0) is pixel p0.
 template <typename Vec, int NP, int V, int S>
 inline void valid_conv_tile(const float* __restrict__ in, const float* __restrict__ w, const ImageGeometry& g,
-                            int64_t co_runtime, int64_t c0, int64_t p0, int64_t oy0, int64_t ox0, float* __restrict__ out) {
+                            int64_t co_runtime, int64_t c0, int64_t p0, int64_t oy0, int64_t ox0, float* __restrict__ out,
+                            const fastmnist_cpu::TileEpilogue* ep, float* sum, float* sumsq) {
   constexpr int L = Vec::L;
   const int64_t CO = S > 0 ? S : co_runtime;
   const int64_t ci_n = g.in_c;
@@ -86,23 +143,34 @@ inline void valid_conv_tile(const float* __restrict__ in, const float* __restric
       }
     }
   }
-  float* dst = out + p0 * CO + c0;
-  FASTMNIST_UNROLL for (int j = 0; j < NP; ++j)
-    FASTMNIST_UNROLL for (int v = 0; v < V; ++v) Vec::store(dst + j * CO + L * v, acc[j][v]);
+  const int64_t at = p0 * CO + c0;
+  if (ep == nullptr) {
+    FASTMNIST_UNROLL for (int j = 0; j < NP; ++j)
+      FASTMNIST_UNROLL for (int v = 0; v < V; ++v) Vec::store(out + at + j * CO + L * v, acc[j][v]);
+    return;
+  }
+  store_with_epilogue<Vec, NP, V>(acc, *ep, CO, c0, at, out, sum, sumsq);
 }
 
 // Channels c0 .. c0 + L V of all out_h * out_w pixels, in tiles of NP and one smaller tile for the rest.
 template <typename Vec, int V, int S>
-void valid_conv_block(const float* in, const float* w, const ImageGeometry& g, int64_t CO, int64_t c0, float* out) {
+void valid_conv_block(const float* in, const float* w, const ImageGeometry& g, int64_t CO, int64_t c0, float* out,
+                      const fastmnist_cpu::TileEpilogue* ep) {
   constexpr int NP = tile_rows<Vec, V>();
+  const bool stats = ep != nullptr && ep->sum != nullptr;
+  alignas(64) float sum[4 * 16] = {}, sumsq[4 * 16] = {};  // float partials of the statistics (V L <= 64)
   const int64_t P = g.out_h * g.out_w;
   int64_t p = 0, oy = 0, ox = 0;
-  for (; p + NP <= P; p += NP) {
-    valid_conv_tile<Vec, NP, V, S>(in, w, g, CO, c0, p, oy, ox, out);
+  for (int tiles = 1; p + NP <= P; p += NP, ++tiles) {
+    valid_conv_tile<Vec, NP, V, S>(in, w, g, CO, c0, p, oy, ox, out, ep, sum, sumsq);
     for (ox += NP; ox >= g.out_w; ox -= g.out_w) ++oy;
+    if (stats && tiles % kTilesPerFlush == 0) flush_statistics<Vec, V>(*ep, c0, sum, sumsq);
   }
   if (p < P)
-    with_tile_size<NP - 1>(P - p, [&](auto n) { valid_conv_tile<Vec, decltype(n)::value, V, S>(in, w, g, CO, c0, p, oy, ox, out); });
+    with_tile_size<NP - 1>(P - p, [&](auto n) {
+      valid_conv_tile<Vec, decltype(n)::value, V, S>(in, w, g, CO, c0, p, oy, ox, out, ep, sum, sumsq);
+    });
+  if (stats) flush_statistics<Vec, V>(*ep, c0, sum, sumsq);
 }
 
 // NK consecutive patch entries k0 .. k0 + NK - 1 (k = (ky * KW + kx) * Cin + ci)
@@ -196,9 +264,10 @@ void for_each_channel_block(int64_t CO, const Fn& fn) {
 }
 
 template <typename Vec>
-void valid_conv_all(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out) {
+void valid_conv_all(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                    const fastmnist_cpu::TileEpilogue* ep) {
   for_each_channel_block<Vec>(CO, [&](int64_t c0, auto V, auto S) {
-    valid_conv_block<Vec, decltype(V)::value, decltype(S)::value>(in, w, g, CO, c0, out);
+    valid_conv_block<Vec, decltype(V)::value, decltype(S)::value>(in, w, g, CO, c0, out, ep);
   });
 }
 

@@ -1,10 +1,12 @@
 // The tile loops of csrc/cpu/conv_tiles_kernels.h at the AVX-512 build's tile shapes, run with AVX2
 // instructions, against a direct convolution in double: on a CPU without AVX-512 this still checks
-// everything of that build but its six intrinsic wrappers (16-lane blocks with 32 registers, 8-lane
-// blocks with 32 registers, several channel blocks, tiles that wrap across rows, the remainder tiles).
+// everything of that build but its eight intrinsic wrappers (16-lane blocks with 32 registers, 8-lane
+// blocks with 32 registers, several channel blocks, tiles that wrap across rows, the remainder tiles,
+// the forward's epilogue: bias, ReLU, batch statistics and the affine map).
 // Built and run by tests/test_ops.py::test_tile_loops_at_the_avx512_builds_shapes; exit 0 when all agree.
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 #include <random>
@@ -23,6 +25,8 @@ struct Zmm16 {  // a 16-lane vector made of two ymm: the Zmm tile shapes, on AVX
   static inline type broadcast(const float* p) { __m256 x = _mm256_broadcast_ss(p); return {x, x}; }
   static inline type fmadd(type a, type b, type c) { return {_mm256_fmadd_ps(a.a, b.a, c.a), _mm256_fmadd_ps(a.b, b.b, c.b)}; }
   static inline type add(type a, type b) { return {_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
+  static inline type relu(type v) { return {Ymm<16>::relu(v.a), Ymm<16>::relu(v.b)}; }
+  static inline void add_to_double(double* d, type v) { Ymm<16>::add_to_double(d, v.a); Ymm<16>::add_to_double(d + 8, v.b); }
 };
 }
 #include "conv_tiles_kernels.h"
@@ -32,15 +36,34 @@ template <class V> double check(int H, int W, int CI, int CO, int K) {
   std::mt19937 rng(1); std::uniform_real_distribution<float> u(-1, 1);
   std::vector<float> in(H * W * CI), w(K * K * CI * CO), out(g.out_h * g.out_w * CO), dz(g.out_h * g.out_w * CO), dw(K * K * CI * CO);
   for (auto& v : in) v = u(rng); for (auto& v : w) v = u(rng); for (auto& v : dz) v = u(rng);
-  valid_conv_all<V>(in.data(), w.data(), g, CO, out.data());
+  valid_conv_all<V>(in.data(), w.data(), g, CO, out.data(), nullptr);
   weight_grad_all<V>(in.data(), dz.data(), g, CO, dw.data());
+  // The epilogue, once with statistics (training) and once with the affine map (eval).
+  std::vector<float> bias(CO), scale(CO), shift(CO), r(out.size()), r2(out.size()), y(out.size());
+  for (auto& v : bias) v = u(rng); for (auto& v : scale) v = u(rng); for (auto& v : shift) v = u(rng);
+  std::vector<double> sum(CO, 0.0), sumsq(CO, 0.0);
+  fastmnist_cpu::TileEpilogue train, eval;
+  train.bias = eval.bias = bias.data();
+  train.relu = eval.relu = true;
+  train.sum = sum.data(), train.sumsq = sumsq.data();
+  eval.scale = scale.data(), eval.shift = shift.data(), eval.y = y.data();
+  valid_conv_all<V>(in.data(), w.data(), g, CO, r.data(), &train);
+  valid_conv_all<V>(in.data(), w.data(), g, CO, r2.data(), &eval);
+  std::vector<double> ref_sum(CO, 0.0), ref_sumsq(CO, 0.0);
   double err = 0;
   for (int oy = 0; oy < g.out_h; ++oy) for (int ox = 0; ox < g.out_w; ++ox) for (int co = 0; co < CO; ++co) {
     double s = 0;
     for (int ky = 0; ky < K; ++ky) for (int kx = 0; kx < K; ++kx) for (int ci = 0; ci < CI; ++ci)
       s += in[((oy + ky) * W + ox + kx) * CI + ci] * w[((ky * K + kx) * CI + ci) * CO + co];
-    err = std::max(err, std::fabs(s - out[(oy * g.out_w + ox) * CO + co]));
+    const int at = (oy * g.out_w + ox) * CO + co;
+    const double rv = std::max(s + bias[co], 0.0);
+    ref_sum[co] += rv, ref_sumsq[co] += rv * rv;
+    err = std::max({err, std::fabs(s - out[at]), std::fabs(rv - r[at]), std::fabs(rv - r2[at]),
+                    std::fabs(rv * scale[co] + shift[co] - y[at])});
   }
+  const double pixels = g.out_h * g.out_w;
+  for (int co = 0; co < CO; ++co)
+    err = std::max({err, std::fabs(ref_sum[co] - sum[co]) / pixels, std::fabs(ref_sumsq[co] - sumsq[co]) / pixels});
   for (int k = 0; k < K * K * CI; ++k) for (int co = 0; co < CO; ++co) {
     int ci = k % CI, tap = k / CI, ky = tap / K, kx = tap % K; double s = 0;
     for (int oy = 0; oy < g.out_h; ++oy) for (int ox = 0; ox < g.out_w; ++ox)
