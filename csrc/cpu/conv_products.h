@@ -114,7 +114,9 @@ struct ConvProducts {
     return buf.data();
   }
 
-  ImageGeometry forward_geometry() const { return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout}; }
+  ImageGeometry forward_geometry() const {
+    return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout, g.pad, g.pad};
+  }
 
   // This thread's scratch for the y of a tile epilogue with padded channels.
   scalar_t* padded_y(int thread, int64_t size) {
@@ -219,7 +221,7 @@ struct ConvProducts {
     const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
     if (tiled) {  // a valid convolution of dz padded by (k - 1 - pad) with the flipped weight
       const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
-      const ImageGeometry gx{g.hout + 2 * ph, g.wout + 2 * pw, C, g.kh, g.kw, g.h, g.w};
+      const ImageGeometry gx{g.hout + 2 * ph, g.wout + 2 * pw, C, g.kh, g.kw, g.h, g.w, ph, pw};
       for (int64_t b = 0; b < count; ++b) {
         const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, padded_dz[thread]);
         float* dxb = reinterpret_cast<float*>(dx + b * image);

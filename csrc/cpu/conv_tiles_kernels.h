@@ -121,16 +121,25 @@ inline void valid_conv_tile(const float* __restrict__ in, const float* __restric
   const int64_t CO = S > 0 ? S : co_runtime;
   const int64_t ci_n = g.in_c;
   const float* base[NP];  // each pixel's top-left input
+  int64_t oy = oy0, ox = ox0;
   FASTMNIST_UNROLL for (int j = 0; j < NP; ++j) {
-    int64_t oy = oy0, ox = ox0 + j;
-    while (ox >= g.out_w) ox -= g.out_w, ++oy;  // no division: a tile spans few rows
+    if (j > 0 && ++ox == g.out_w) ox = 0, ++oy;  // no division: a tile spans few rows
     base[j] = in + (oy * g.in_w + ox) * ci_n;
   }
+  // The taps that read any input of the tile's pixels inside the zero border:
+  // output row r reads input rows r + ky, which are not padding for
+  // zero_rows <= r + ky < in_h - zero_rows (oy is now the last pixel's row, ox
+  // its column; the columns' bound holds when the tile is within one row).
+  // Skipping a tap skips only additions of exact zeros.
+  const int64_t ky0 = imax(0, g.zero_rows - oy), ky1 = imin(g.kh, g.in_h - g.zero_rows - oy0);
+  const bool one_row = oy == oy0;
+  const int64_t kx0 = one_row ? imax(0, g.zero_cols - ox) : 0;
+  const int64_t kx1 = one_row ? imin(g.kw, g.in_w - g.zero_cols - ox0) : g.kw;
   typename Vec::type acc[NP][V];
   FASTMNIST_UNROLL for (int j = 0; j < NP; ++j)
     FASTMNIST_UNROLL for (int v = 0; v < V; ++v) acc[j][v] = Vec::zero();
-  for (int64_t ky = 0; ky < g.kh; ++ky) {
-    for (int64_t kx = 0; kx < g.kw; ++kx) {
+  for (int64_t ky = ky0; ky < ky1; ++ky) {
+    for (int64_t kx = kx0; kx < kx1; ++kx) {
       const int64_t tap = (ky * g.in_w + kx) * ci_n;
       const float* wt = w + (ky * g.kw + kx) * ci_n * CO + c0;
       for (int64_t ci = 0; ci < ci_n; ++ci) {

@@ -30,12 +30,17 @@ struct Zmm16 {  // a 16-lane vector made of two ymm: the Zmm tile shapes, on AVX
 };
 }
 #include "conv_tiles_kernels.h"
-template <class V> double check(int H, int W, int CI, int CO, int K) {
+// border > 0: the input's outer `border` rows and columns are zero and the geometry says so
+// (valid_conv then skips the taps that read only them, as the input gradient does).
+template <class V> double check(int H, int W, int CI, int CO, int K, int border) {
   using fastmnist_cpu::ImageGeometry;
-  ImageGeometry g{H, W, CI, K, K, H - K + 1, W - K + 1};
+  ImageGeometry g{H, W, CI, K, K, H - K + 1, W - K + 1, border, border};
   std::mt19937 rng(1); std::uniform_real_distribution<float> u(-1, 1);
   std::vector<float> in(H * W * CI), w(K * K * CI * CO), out(g.out_h * g.out_w * CO), dz(g.out_h * g.out_w * CO), dw(K * K * CI * CO);
   for (auto& v : in) v = u(rng); for (auto& v : w) v = u(rng); for (auto& v : dz) v = u(rng);
+  for (int y = 0; y < H; ++y) for (int x = 0; x < W; ++x)
+    if (y < border || y >= H - border || x < border || x >= W - border)
+      for (int c = 0; c < CI; ++c) in[(y * W + x) * CI + c] = 0.0f;
   valid_conv_all<V>(in.data(), w.data(), g, CO, out.data(), nullptr);
   weight_grad_all<V>(in.data(), dz.data(), g, CO, dw.data());
   // The epilogue, once with statistics (training) and once with the affine map (eval).
@@ -74,12 +79,15 @@ template <class V> double check(int H, int W, int CI, int CO, int K) {
 }
 #pragma GCC pop_options
 int main() {
-  int shapes[][5] = {{9, 9, 16, 32, 3}, {7, 7, 24, 16, 3}, {28, 28, 1, 16, 3}, {26, 26, 16, 48, 3}, {11, 11, 24, 64, 3}, {5, 30, 8, 80, 3}, {22, 22, 32, 16, 1}, {3, 3, 5, 16, 3}};
+  int shapes[][6] = {{9, 9, 16, 32, 3, 0}, {7, 7, 24, 16, 3, 0}, {28, 28, 1, 16, 3, 0}, {26, 26, 16, 48, 3, 0},
+                     {11, 11, 24, 64, 3, 0}, {5, 30, 8, 80, 3, 0}, {22, 22, 32, 16, 1, 0}, {3, 3, 5, 16, 3, 0},
+                     {10, 10, 24, 16, 3, 2}, {12, 12, 24, 32, 3, 2}, {7, 30, 8, 48, 3, 1}, {6, 6, 16, 16, 3, 2}};
   double worst = 0;
   for (auto& s : shapes) {
-    double e1 = check<Zmm16>(s[0], s[1], s[2], s[3], s[4]);
-    double e2 = (s[3] % 8 == 0) ? check<Ymm<32>>(s[0], s[1], s[2], s[3], s[4]) : 0;
-    printf("%2dx%2d ci%2d co%2d k%d: zmm-shaped err %.2e, ymm32 err %.2e\n", s[0], s[1], s[2], s[3], s[4], e1, e2);
+    double e1 = check<Zmm16>(s[0], s[1], s[2], s[3], s[4], s[5]);
+    double e2 = (s[3] % 8 == 0) ? check<Ymm<32>>(s[0], s[1], s[2], s[3], s[4], s[5]) : 0;
+    printf("%2dx%2d ci%2d co%2d k%d border %d: zmm-shaped err %.2e, ymm32 err %.2e\n", s[0], s[1], s[2], s[3], s[4],
+           s[5], e1, e2);
     worst = std::max(worst, std::max(e1, e2));
   }
   printf("worst %.2e\n", worst);
