@@ -32,6 +32,7 @@ from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_i
 from fastmnist.device import cpu_model
 from fastmnist.model import build_model
 from fastmnist.recipes import RECIPES
+from fastmnist.train import nesterov_sgd
 
 MNIST_TRAIN_IMAGES = 60000
 REPO = Path(__file__).resolve().parent.parent
@@ -56,8 +57,7 @@ def make_variant(impl, memory_format, compiled, device):
     torch.manual_seed(0)
     recipe = RECIPES["default"]  # the training step `fastmnist train` takes, less its weight-average update
     model = build_model(impl=impl, dropout=recipe["dropout"], device=device).to(memory_format=memory_format)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=recipe["momentum"], nesterov=True,
-                          weight_decay=recipe["weight_decay"])
+    opt = nesterov_sgd(model.parameters(), 0.05, recipe["momentum"], recipe["weight_decay"])
     forward = torch.compile(model) if compiled else model
 
     def step(x, y):
@@ -70,6 +70,11 @@ def make_variant(impl, memory_format, compiled, device):
         return loss
 
     return step
+
+
+def _fused_sgd(device) -> bool:
+    """Whether the training step's optimiser (fastmnist.train.nesterov_sgd) runs fused on this device."""
+    return bool(nesterov_sgd([torch.zeros(1, device=device)], 0.1, 0.9, 0.0).defaults.get("fused"))
 
 
 class StepTimer:
@@ -180,6 +185,7 @@ def main():
         "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "fused_cpu_kernel_path": getattr(ops, "cpu_kernel_path", lambda: None)() if ops.fused_available() else None,
         "batch_size": args.batch_size, "steps_per_epoch": steps_per_epoch,
+        "optimizer": "Nesterov SGD, fused" if _fused_sgd(device) else "Nesterov SGD, for-loop",
         "images": "random" if args.random_images else "mnist",
         "rounds": args.rounds, "warmup_rounds": args.warmup, "rounds_timed": args.rounds - args.warmup,
         "steps_per_round": args.steps,

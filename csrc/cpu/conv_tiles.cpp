@@ -60,11 +60,12 @@ void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t
   TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
 }
 
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                 bool accumulate) {
 #ifdef FASTMNIST_X86_TILES
   switch (tile_isa()) {
-    case TileIsa::avx512: return avx512::weight_grad(in, dz, g, CO, dw);
-    case TileIsa::avx2: return avx2::weight_grad(in, dz, g, CO, dw);
+    case TileIsa::avx512: return avx512::weight_grad(in, dz, g, CO, dw, accumulate);
+    case TileIsa::avx2: return avx2::weight_grad(in, dz, g, CO, dw, accumulate);
     default: break;
   }
 #endif

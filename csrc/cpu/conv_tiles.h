@@ -51,21 +51,25 @@ struct TileEpilogue {
 };
 
 // The two loops (see conv_tiles_kernels.h), run with tile_isa()'s build.
-// w is (KH * KW * Cin, CO) and out (out_h * out_w, CO); dw is (KH * KW * Cin, CO).
+// w is (KH * KW * Cin, CO) and out (out_h * out_w, CO); dw is (KH * KW * Cin, CO),
+// overwritten, or added to when accumulate.
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
                 const TileEpilogue* epilogue = nullptr);
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                 bool accumulate);
 
 // The per-ISA builds (defined on x86-64 only).
 namespace avx2 {
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
                 const TileEpilogue* epilogue);
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                 bool accumulate);
 }  // namespace avx2
 namespace avx512 {
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
                 const TileEpilogue* epilogue);
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                 bool accumulate);
 }  // namespace avx512
 
 }  // namespace fastmnist_cpu

@@ -15,8 +15,9 @@ void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t
                 const TileEpilogue* epilogue) {
   valid_conv_all<Ymm<16>>(in, w, g, CO, out, epilogue);
 }
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
-  weight_grad_all<Ymm<16>>(in, dz, g, CO, dw);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                 bool accumulate) {
+  weight_grad_all<Ymm<16>>(in, dz, g, CO, dw, accumulate);
 }
 }  // namespace fastmnist_cpu::avx2
 #pragma GCC pop_options

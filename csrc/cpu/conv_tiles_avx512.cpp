@@ -47,9 +47,10 @@ void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t
   if (CO % Zmm::L == 0) return valid_conv_all<Zmm>(in, w, g, CO, out, epilogue);
   valid_conv_all<Ymm<32>>(in, w, g, CO, out, epilogue);
 }
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
-  if (CO % Zmm::L == 0) return weight_grad_all<Zmm>(in, dz, g, CO, dw);
-  weight_grad_all<Ymm<32>>(in, dz, g, CO, dw);
+void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                 bool accumulate) {
+  if (CO % Zmm::L == 0) return weight_grad_all<Zmm>(in, dz, g, CO, dw, accumulate);
+  weight_grad_all<Ymm<32>>(in, dz, g, CO, dw, accumulate);
 }
 }  // namespace fastmnist_cpu::avx512
 #pragma GCC diagnostic pop

@@ -227,14 +227,14 @@ constexpr int64_t kWeightGradBlockBytes = 12 * 1024;
 
 template <typename Vec, int V, int S>
 void weight_grad_block(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, int64_t c0,
-                       float* dw) {
+                       float* dw, bool accumulate) {
   constexpr int NK = tile_rows<Vec, V>();
   const int64_t K = g.kh * g.kw * g.in_c;
   const int64_t row_bytes = g.out_w * Vec::L * V * static_cast<int64_t>(sizeof(float));
   const int64_t block = imax(1, kWeightGradBlockBytes / row_bytes);
   for (int64_t oy0 = 0; oy0 < g.out_h; oy0 += block) {
     const int64_t oy1 = imin(g.out_h, oy0 + block);
-    const bool first = oy0 == 0;
+    const bool first = oy0 == 0 && !accumulate;
     int64_t k = 0;
     for (; k + NK <= K; k += NK) weight_grad_tile<Vec, NK, V, S>(in, dz, g, CO, c0, k, oy0, oy1, first, dw);
     if (k < K)
@@ -281,9 +281,10 @@ void valid_conv_all(const float* in, const float* w, const ImageGeometry& g, int
 }
 
 template <typename Vec>
-void weight_grad_all(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw) {
+void weight_grad_all(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                     bool accumulate) {
   for_each_channel_block<Vec>(CO, [&](int64_t c0, auto V, auto S) {
-    weight_grad_block<Vec, decltype(V)::value, decltype(S)::value>(in, dz, g, CO, c0, dw);
+    weight_grad_block<Vec, decltype(V)::value, decltype(S)::value>(in, dz, g, CO, c0, dw, accumulate);
   });
 }
 
