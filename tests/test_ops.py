@@ -29,8 +29,12 @@ SHAPES = [
     (5, 32, 16, 4, 3, 1, 1),
     (2, 7, 3, 6, 5, 3, 1),
     (2, 8, 32, 30, 29, 3, 1),  # wide rows: the weight gradient goes in several row blocks
+    (2, 8, 16, 12, 10, 3, 1),  # Winograd on a padded input, forward and input gradient
 ]
-NETWORK_SHAPES = [(128, 1, 16, 28, 28, 3, 0), (128, 24, 32, 24, 24, 3, 0), (128, 16, 24, 11, 11, 3, 0)]
+# The default network's blocks (28 -> 26 -> 24, then 12 -> 10 -> 8 -> 6; all but the first on Winograd)
+# and an odd size on the direct tiles.
+NETWORK_SHAPES = [(128, 1, 16, 28, 28, 3, 0), (128, 16, 24, 26, 26, 3, 0), (128, 24, 24, 8, 8, 3, 0),
+                  (128, 16, 24, 11, 11, 3, 0)]
 
 
 @pytest.fixture(autouse=True)
@@ -331,6 +335,23 @@ def test_every_width_runs_on_the_tiles(cin, cout):
     path = ops.conv_path(torch.zeros(2, cin, 9, 9), torch.zeros(cout, cin, 3, 3), 0, cin > 1)
     assert path.startswith(f"{isa} tiles"), path
     assert ("padded" in path) == (cout % 8 != 0 or (cin > 1 and cin % 8 != 0)), path
+
+
+def test_winograd_runs_where_it_applies():
+    """F(2x2, 3x3) for a 3x3 convolution whose input has a multiple of 8 channels and whose output size is
+    even; the input gradient is judged on its own (its input is dz: Cout channels, output the input's size)."""
+    isa = tile_isa()
+    if isa is None:
+        pytest.skip("no tile ISA in this process (ATEN_CPU_CAPABILITY=default or no AVX2)")
+    wino = f"{isa} tiles, Winograd F(2x2,3x3)"
+    assert ops.conv_path(torch.zeros(2, 16, 26, 26), torch.zeros(24, 16, 3, 3)) == f"{wino} forward and input gradient"
+    assert ops.conv_path(torch.zeros(2, 16, 11, 11), torch.zeros(24, 16, 3, 3)) == f"{isa} tiles"  # 9x9 out
+    assert ops.conv_path(torch.zeros(2, 1, 28, 28), torch.zeros(16, 1, 3, 3), 0, False) == f"{isa} tiles"
+    assert ops.conv_path(torch.zeros(2, 20, 10, 10), torch.zeros(16, 20, 3, 3)) == (
+        f"{wino} input gradient, Cin 20 padded to 24")
+    assert ops.conv_path(torch.zeros(2, 16, 10, 10), torch.zeros(20, 16, 3, 3)) == (
+        f"{wino} forward, Cout 20 padded to 24")
+    assert ops.conv_path(torch.zeros(2, 16, 10, 10), torch.zeros(24, 16, 1, 1)) == f"{isa} tiles"  # 1x1
 
 
 def test_conv_path_names_why_the_tiles_do_not_apply():

@@ -59,11 +59,25 @@ inline const char* tiles_refusal(const ConvGeometry& g, bool is_float) {
   return nullptr;
 }
 
+// The tiles' geometry of the forward (the zero-padded image) and of the input
+// gradient (a valid convolution of dz padded by k - 1 - pad with the flipped weight).
+inline ImageGeometry forward_image(const ConvGeometry& g) {
+  return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout, g.pad, g.pad};
+}
+inline ImageGeometry input_grad_image(const ConvGeometry& g) {
+  const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
+  return {g.hout + 2 * ph, g.wout + 2 * pw, g.cout, g.kh, g.kw, g.h, g.w, ph, pw};
+}
+
 // The path a convolution of this geometry takes, e.g. "avx2 tiles",
+// "avx2 tiles, Winograd F(2x2,3x3) forward and input gradient",
 // "avx512 tiles, Cout 20 padded to 24" or "im2col+BLAS: float64 (...)".
 inline std::string describe_conv_path(const ConvGeometry& g, bool is_float, bool need_grad_x) {
   if (const char* why = tiles_refusal(g, is_float)) return std::string("im2col+BLAS: ") + why;
   std::string path = std::string(tile_isa_name(tile_isa())) + " tiles";
+  const bool wf = winograd_applies(forward_image(g)), wx = need_grad_x && winograd_applies(input_grad_image(g));
+  if (wf || wx)
+    path += std::string(", Winograd F(2x2,3x3) ") + (wf && wx ? "forward and input gradient" : wf ? "forward" : "input gradient");
   if (tile_channels(g.cout) != g.cout)
     path += ", Cout " + std::to_string(g.cout) + " padded to " + std::to_string(tile_channels(g.cout));
   if (need_grad_x && tile_channels(g.cin) != g.cin)
@@ -80,15 +94,17 @@ struct ConvProducts {
   at::Tensor wmat;             // im2col: (Cout, K), k = (ky, kx, ci)
   std::vector<float> w_packed;   // tiled: (K, co_t) for the forward
   std::vector<float> w_flipped;  // tiled: (KH * KW * Cout, ci_t), the flipped, transposed weight for grad_x
+  std::vector<float> wino_fwd, wino_dx;  // Winograd: w_packed, w_flipped transformed (empty where it does not apply)
   // Per-thread buffers. padded_x and padded_dz each hold one geometry for the
   // whole call, so their zero borders are written once, not per image.
   std::vector<std::vector<scalar_t>> col, padded_x, padded_dz, grad_tile, out_pad, y_pad;
   std::vector<int64_t> pending;  // tiled: images summed into the thread's grad_tile since its last flush
+  std::vector<std::vector<float>> wino_scratch;  // per thread: Winograd's transformed image and products
 
   ConvProducts(const ConvGeometry& geom, const at::Tensor& weight, const at::TensorOptions& options, int threads,
                bool need_grad_x)
       : g(geom), opts(options), col(threads), padded_x(threads), padded_dz(threads), grad_tile(threads),
-        out_pad(threads), y_pad(threads), pending(threads, 0) {
+        out_pad(threads), y_pad(threads), pending(threads, 0), wino_scratch(threads) {
     tiled = tiles_refusal(g, std::is_same<scalar_t, float>::value) == nullptr;
     if (!tiled) {
       wmat = weight_as_matrix(weight);
@@ -110,6 +126,24 @@ struct ConvProducts {
             w_packed[((ky * g.kw + kx) * g.cin + ci) * co_t + co] = v;
             if (need_grad_x) w_flipped[(((g.kh - 1 - ky) * g.kw + (g.kw - 1 - kx)) * g.cout + co) * ci_t + ci] = v;
           }
+    if (winograd_applies(forward_image(g))) {
+      wino_fwd.resize(16 * g.cin * co_t);
+      winograd_weights(w_packed.data(), g.cin, co_t, wino_fwd.data());
+    }
+    if (need_grad_x && winograd_applies(input_grad_image(g))) {
+      wino_dx.resize(16 * g.cout * ci_t);
+      winograd_weights(w_flipped.data(), g.cout, ci_t, wino_dx.data());
+    }
+  }
+
+  // The image's convolution on the tiles: Winograd where its weights were
+  // transformed (wt not empty), else the direct tiles.
+  void tiles_conv(const float* in, const std::vector<float>& w, const std::vector<float>& wt, const ImageGeometry& ig,
+                  int64_t CO, float* out, const TileEpilogue* ep, int thread) {
+    if (wt.empty()) return valid_conv(in, w.data(), ig, CO, out, ep);
+    auto& scratch = wino_scratch[thread];
+    scratch.resize(winograd_scratch_floats(ig, CO));
+    winograd_conv(in, wt.data(), ig, CO, out, ep, scratch.data());
   }
 
   // The image zero-padded by (ph, pw) into buf (or itself when no padding).
@@ -124,9 +158,7 @@ struct ConvProducts {
     return buf.data();
   }
 
-  ImageGeometry forward_geometry() const {
-    return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout, g.pad, g.pad};
-  }
+  ImageGeometry forward_geometry() const { return forward_image(g); }
 
   // This thread's scratch for the y of a tile epilogue with padded channels.
   scalar_t* padded_y(int thread, int64_t size) {
@@ -157,8 +189,7 @@ struct ConvProducts {
         const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);
         float* zb = reinterpret_cast<float*>(z + (b - first) * P * C);
         if (co_t == C) {
-          valid_conv(reinterpret_cast<const float*>(in), w_packed.data(), forward_geometry(), C, zb,
-                     epilogue);
+          tiles_conv(reinterpret_cast<const float*>(in), w_packed, wino_fwd, forward_geometry(), C, zb, epilogue, thread);
           continue;
         }
         // Padded channels: the tiles write (P, co_t) scratch rows, copied out without the padding.
@@ -166,8 +197,8 @@ struct ConvProducts {
         float* y = ep.y;
         if (y) ep.y = reinterpret_cast<float*>(padded_y(thread, P * co_t));
         float* out = scratch(thread, P, co_t);
-        valid_conv(reinterpret_cast<const float*>(in), w_packed.data(), forward_geometry(), co_t, out,
-                   epilogue ? &ep : nullptr);
+        tiles_conv(reinterpret_cast<const float*>(in), w_packed, wino_fwd, forward_geometry(), co_t, out,
+                   epilogue ? &ep : nullptr, thread);
         copy_rows(out, co_t, P, C, zb, C);
         if (y) copy_rows(ep.y, co_t, P, C, y, C);
       }
@@ -242,12 +273,12 @@ struct ConvProducts {
     const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
     if (tiled) {  // a valid convolution of dz padded by (k - 1 - pad) with the flipped weight
       const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
-      const ImageGeometry gx{g.hout + 2 * ph, g.wout + 2 * pw, C, g.kh, g.kw, g.h, g.w, ph, pw};
+      const ImageGeometry gx = input_grad_image(g);
       for (int64_t b = 0; b < count; ++b) {
         const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, padded_dz[thread]);
         float* dxb = reinterpret_cast<float*>(dx + b * image);
         float* out = ci_t == g.cin ? dxb : scratch(thread, g.h * g.w, ci_t);
-        valid_conv(reinterpret_cast<const float*>(in), w_flipped.data(), gx, ci_t, out);
+        tiles_conv(reinterpret_cast<const float*>(in), w_flipped, wino_dx, gx, ci_t, out, nullptr, thread);
         if (out != dxb) copy_rows(out, ci_t, g.h * g.w, g.cin, dxb, g.cin);
       }
       return;

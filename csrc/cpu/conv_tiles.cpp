@@ -4,6 +4,7 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <string>
 
 namespace fastmnist_cpu {
@@ -70,6 +71,26 @@ void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64
   }
 #endif
   TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
+}
+
+bool winograd_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FASTMNIST_WINOGRAD");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
+}
+
+void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                   const TileEpilogue* epilogue, float* scratch) {
+#ifdef FASTMNIST_X86_TILES
+  switch (tile_isa()) {
+    case TileIsa::avx512: return avx512::winograd_conv(in, wt, g, CO, out, epilogue, scratch);
+    case TileIsa::avx2: return avx2::winograd_conv(in, wt, g, CO, out, epilogue, scratch);
+    default: break;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "Winograd tiles called with no tile ISA");
 }
 
 }  // namespace fastmnist_cpu

@@ -58,14 +58,56 @@ void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
                  bool accumulate);
 
+// Winograd F(2x2, 3x3) (conv_winograd_kernels.h): valid_conv's result with
+// 2.25 times fewer multiply-adds, for 3x3 kernels on in_c a multiple of 8
+// with an even output size (winograd_applies). winograd_weights transforms w,
+// laid out as valid_conv's, into wt (16, Cin, CO) once per call of the op;
+// scratch holds winograd_scratch_floats(g, CO) floats per thread. It computes
+// every tap (no zero-border skipping).
+// False when the environment sets FASTMNIST_WINOGRAD=0: the direct tiles then
+// run every convolution (to compare the two, or to rule Winograd out).
+bool winograd_enabled();
+inline bool winograd_applies(const ImageGeometry& g) {
+  return winograd_enabled() && g.kh == 3 && g.kw == 3 && g.in_c % 8 == 0 && g.out_h % 2 == 0 && g.out_w % 2 == 0;
+}
+
+inline int64_t winograd_scratch_floats(const ImageGeometry& g, int64_t CO) {
+  return 16 * (g.out_h / 2) * (g.out_w / 2) * (g.in_c + CO) + 2 * CO;
+}
+
+// wt[e][ci][co] = (G g G^T)[e] with g[ky][kx] = w[(ky * 3 + kx) * cin + ci][co]
+// and G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1] (conv_winograd_kernels.h).
+inline void winograd_weights(const float* w, int64_t cin, int64_t CO, float* wt) {
+  static const float G[4][3] = {{1.0f, 0.0f, 0.0f}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0.0f, 0.0f, 1.0f}};
+  for (int64_t ci = 0; ci < cin; ++ci)
+    for (int64_t co = 0; co < CO; ++co) {
+      float t[4][3];  // G g
+      for (int i = 0; i < 4; ++i)
+        for (int kx = 0; kx < 3; ++kx) {
+          t[i][kx] = 0.0f;
+          for (int ky = 0; ky < 3; ++ky) t[i][kx] += G[i][ky] * w[((ky * 3 + kx) * cin + ci) * CO + co];
+        }
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+          wt[((i * 4 + j) * cin + ci) * CO + co] = t[i][0] * G[j][0] + t[i][1] * G[j][1] + t[i][2] * G[j][2];
+    }
+}
+
+void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                   const TileEpilogue* epilogue, float* scratch);
+
 // The per-ISA builds (defined on x86-64 only).
 namespace avx2 {
+void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                   const TileEpilogue* epilogue, float* scratch);
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
                 const TileEpilogue* epilogue);
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
                  bool accumulate);
 }  // namespace avx2
 namespace avx512 {
+void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                   const TileEpilogue* epilogue, float* scratch);
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
                 const TileEpilogue* epilogue);
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,

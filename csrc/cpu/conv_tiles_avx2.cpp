@@ -9,8 +9,13 @@
 #pragma GCC target("avx2,fma")
 #include "conv_tiles_ymm.h"
 #include "conv_tiles_kernels.h"
+#include "conv_winograd_kernels.h"
 
 namespace fastmnist_cpu::avx2 {
+void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                   const TileEpilogue* epilogue, float* scratch) {
+  winograd_conv_all<Ymm<16>, Ymm<16>>(in, wt, g, CO, out, epilogue, scratch);
+}
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
                 const TileEpilogue* epilogue) {
   valid_conv_all<Ymm<16>>(in, w, g, CO, out, epilogue);

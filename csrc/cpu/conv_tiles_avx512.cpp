@@ -26,6 +26,7 @@ struct Zmm {
   static inline type broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline type fmadd(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
   static inline type add(type a, type b) { return _mm512_add_ps(a, b); }
+  static inline type sub(type a, type b) { return _mm512_sub_ps(a, b); }
   // torch.relu: 0 where v < 0; NaN (an unordered compare is false) passes.
   static inline type relu(type v) {
     return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps());
@@ -40,8 +41,15 @@ struct Zmm {
 };
 }  // namespace
 #include "conv_tiles_kernels.h"
+#include "conv_winograd_kernels.h"
 
 namespace fastmnist_cpu::avx512 {
+void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                   const TileEpilogue* epilogue, float* scratch) {
+  // The input transform runs over in_c (a multiple of 8) in ymm registers.
+  if (CO % Zmm::L == 0) return winograd_conv_all<Ymm<32>, Zmm>(in, wt, g, CO, out, epilogue, scratch);
+  winograd_conv_all<Ymm<32>, Ymm<32>>(in, wt, g, CO, out, epilogue, scratch);
+}
 void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
                 const TileEpilogue* epilogue) {
   if (CO % Zmm::L == 0) return valid_conv_all<Zmm>(in, w, g, CO, out, epilogue);

@@ -16,6 +16,7 @@ struct Ymm {
   static inline type broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static inline type fmadd(type a, type b, type c) { return _mm256_fmadd_ps(a, b, c); }
   static inline type add(type a, type b) { return _mm256_add_ps(a, b); }
+  static inline type sub(type a, type b) { return _mm256_sub_ps(a, b); }
   // torch.relu: 0 where v < 0; NaN (an unordered compare is false) passes.
   static inline type relu(type v) { return _mm256_andnot_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ), v); }
   // d[0 .. 7] += v, in double.
