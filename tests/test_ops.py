@@ -343,6 +343,8 @@ def test_winograd_runs_where_it_applies():
     isa = tile_isa()
     if isa is None:
         pytest.skip("no tile ISA in this process (ATEN_CPU_CAPABILITY=default or no AVX2)")
+    if os.environ.get("FASTMNIST_WINOGRAD") == "0":
+        pytest.skip("FASTMNIST_WINOGRAD=0 turns Winograd off in this process")
     wino = f"{isa} tiles, Winograd F(2x2,3x3)"
     assert ops.conv_path(torch.zeros(2, 16, 26, 26), torch.zeros(24, 16, 3, 3)) == f"{wino} forward and input gradient"
     assert ops.conv_path(torch.zeros(2, 16, 11, 11), torch.zeros(24, 16, 3, 3)) == f"{isa} tiles"  # 9x9 out
@@ -439,19 +441,23 @@ def cpu_has(capability):
     return need[capability] <= flags
 
 
-@pytest.mark.parametrize("capability, path", [("default", "im2col+BLAS"), ("avx2", "avx2 tiles"),
-                                              ("avx512", "avx512 tiles")])
-def test_equivalence_suite_on_each_cpu_capability(capability, path):
-    """ATEN_CPU_CAPABILITY forces each path this CPU has; the CPU equivalence tests then pass on it."""
+@pytest.mark.parametrize("capability, winograd, path", [
+    ("default", "1", "im2col+BLAS"), ("avx2", "1", "avx2 tiles, Winograd"), ("avx2", "0", "avx2 tiles"),
+    ("avx512", "1", "avx512 tiles, Winograd"), ("avx512", "0", "avx512 tiles")])
+def test_equivalence_suite_on_each_cpu_capability(capability, winograd, path):
+    """ATEN_CPU_CAPABILITY forces each path this CPU has, and FASTMNIST_WINOGRAD=0 the direct tiles where
+    Winograd would run; the CPU equivalence tests then pass on each."""
     if not cpu_has(capability):
         pytest.skip(f"this CPU cannot run {capability}")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "FASTMNIST_WINOGRAD": winograd,
+           "PYTHONPATH": os.pathsep.join(sys.path)}
     probe = subprocess.run(
         [sys.executable, "-c", "import torch; from fastmnist import ops; "
-         "print(ops.conv_path(torch.zeros(2, 16, 9, 9), torch.zeros(24, 16, 3, 3)))"],
+         "print(ops.conv_path(torch.zeros(2, 16, 10, 10), torch.zeros(24, 16, 3, 3)))"],
         capture_output=True, text=True, env=env, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip().startswith(path), probe.stdout
+    assert probe.stdout.strip().startswith(path) and ("Winograd" in probe.stdout) == (winograd == "1" and
+                                                                                      capability != "default"), probe.stdout
     suite = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k",
          "(matches_stock or widths or layouts or channel_scale or nan or gradcheck or twice_stock or pool) and not cuda"],
