@@ -1,6 +1,7 @@
 // The fastmnist operator library: every schema is defined here, once.
 // Device kernels register against these names in csrc/cpu and csrc/cuda;
-// autograd and fake (meta) implementations are registered in fastmnist/ops.py.
+// autograd in csrc/autograd.cpp (Autograd key, every device); fake (meta)
+// implementations are registered in fastmnist/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,9 +1,9 @@
 """Python entry points of the fused operator, fastmnist::conv_relu_bn.
 
-The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda;
-this module registers what the dispatcher needs from Python (fake tensors for
-torch.compile, autograd through the registered backward op), updates the BN
-running statistics, and ships the pure-PyTorch reference of the op.
+The schemas live in csrc/ops.cpp, the kernels in csrc/cpu and csrc/cuda, and
+autograd (through the registered backward ops) in csrc/autograd.cpp; this
+module registers the fake tensors torch.compile needs, updates the BN running
+statistics, and ships the pure-PyTorch reference of the op.
 """
 import warnings
 from typing import Optional, Tuple
@@ -236,31 +236,6 @@ def _register() -> None:
         # grad_weight comes in the weight's own memory format (no AccumulateGrad copy)
         return grad_x, torch.empty_like(weight), x.new_empty(c), x.new_empty(c), x.new_empty(c)
 
-    def setup_context(ctx, inputs, output):
-        x, weight, _, bn_weight, _, _, _, training, eps, padding = inputs[:10]
-        channel_scale = inputs[10] if len(inputs) > 10 else None  # omitted: the schema's default
-        _, relu_out, mean, var = output
-        ctx.save_for_backward(x, weight, relu_out, bn_weight, mean, var, channel_scale)
-        ctx.training, ctx.eps, ctx.padding = training, eps, padding
-        ctx.mark_non_differentiable(relu_out, mean, var)
-        # Only y carries a gradient; without this, autograd would allocate and
-        # zero-fill a relu_out-sized gradient on every backward (an 8 MB fill
-        # per block and step at the default sizes).
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_y, _grad_relu_out, _grad_mean, _grad_var):
-        if grad_y is None:  # y did not reach the loss
-            return (None,) * 11
-        x, weight, relu_out, bn_weight, mean, var, channel_scale = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_x, grad_w, grad_b, grad_bn_w, grad_bn_b = torch.ops.fastmnist.conv_relu_bn_backward(
-            grad_y, x, weight, relu_out, bn_weight, mean, var, ctx.training, ctx.eps, ctx.padding, need[0],
-            channel_scale,
-        )
-        # channel_scale is a constant (a dropout mask): no gradient flows to it.
-        return (grad_x if need[0] else None, grad_w, grad_b, grad_bn_w, grad_bn_b) + (None,) * 6
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
     _register_conv_relu_pool()
 
 
@@ -277,25 +252,6 @@ def _register_conv_relu_pool() -> None:
     def _(grad_out, x, weight, relu_out, relu, padding, pool, compute_grad_x):
         grad_x = _channels_last_like(x, x.shape) if compute_grad_x else x.new_empty(0)
         return grad_x, torch.empty_like(weight), x.new_empty(weight.shape[0])
-
-    def setup_context(ctx, inputs, output):
-        x, weight, _, relu, padding, pool = inputs
-        ctx.save_for_backward(x, weight, output[1])
-        ctx.relu, ctx.padding, ctx.pool = relu, padding, pool
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_out, _grad_relu_out):
-        if grad_out is None:
-            return (None,) * 6
-        x, weight, relu_out = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_x, grad_w, grad_b = torch.ops.fastmnist.conv_relu_pool_backward(
-            grad_out, x, weight, relu_out, ctx.relu, ctx.padding, ctx.pool, need[0]
-        )
-        return (grad_x if need[0] else None, grad_w, grad_b, None, None, None)
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
 if _IMPORT_ERROR is None:
