@@ -268,6 +268,8 @@ def nesterov_sgd(params, lr: float, momentum: float, weight_decay: float) -> tor
     step for the default network's 24 tensors against 0.12 ms fused (2-core
     AMD EPYC). A torch without a fused kernel for the parameters' device
     refuses with a RuntimeError; the for-loop SGD then does the same update.
+    A resumed run keeps the implementation it started with: the checkpoint's
+    optimiser state carries it (load_state_dict restores the "fused" flag).
     """
     kwargs = dict(lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     params = list(params)

@@ -184,6 +184,9 @@ struct ConvProducts {
                const TileEpilogue* epilogue = nullptr) {
     const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
     TORCH_INTERNAL_ASSERT(tiled || epilogue == nullptr, "a tile epilogue without tiles");
+    // An epilogue's y (and its per-image channel scale) is one image's: the tiled chunk is one image.
+    TORCH_INTERNAL_ASSERT(count == 1 || epilogue == nullptr || epilogue->y == nullptr, "an eval epilogue for ",
+                          count, " images");
     if (tiled) {
       for (int64_t b = first; b < first + count; ++b) {
         const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);

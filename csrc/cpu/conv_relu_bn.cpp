@@ -429,9 +429,9 @@ void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, c
   }
 
   ConvProducts<scalar_t> conv(g, weight, opts, threads, compute_grad_x);
-  // Each chunk's weight gradient is summed over its rows in scalar_t, then
-  // across chunks in double: a float running sum over the whole batch would
-  // lose digits to cancellation.
+  // The weight gradient is summed in scalar_t over a chunk (im2col) or up to
+  // kImagesPerFlush images of a thread (tiles), then across those in double:
+  // a float running sum over the whole batch would lose digits to cancellation.
   std::vector<double> grad_w_acc(threads * C * K, 0.0);
   std::vector<double> grad_b_acc(threads * C, 0.0);
   std::vector<std::vector<scalar_t>> dz_buffers(threads);
