@@ -158,8 +158,6 @@ struct ConvProducts {
     return buf.data();
   }
 
-  ImageGeometry forward_geometry() const { return forward_image(g); }
-
   // This thread's scratch for the y of a tile epilogue with padded channels.
   scalar_t* padded_y(int thread, int64_t size) {
     y_pad[thread].resize(size);
@@ -177,6 +175,13 @@ struct ConvProducts {
   // Cout padded to the tiles' multiple; the padded channels' entries are 0).
   int64_t epilogue_channels() const { return tiled ? co_t : g.cout; }
 
+  // A per-channel vector v (Cout entries) as a TileEpilogue's array: padded with zeros to epilogue_channels().
+  std::vector<float> epilogue_vector(const scalar_t* v) const {
+    std::vector<float> out(epilogue_channels(), 0.0f);
+    std::copy_n(v, g.cout, out.begin());
+    return out;
+  }
+
   // z[rows of images first .. first + count, Cout] = conv(x), no bias; or,
   // with an epilogue (tiled only), what the epilogue makes of it (relu_out in
   // z, and its y).
@@ -192,7 +197,7 @@ struct ConvProducts {
         const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);
         float* zb = reinterpret_cast<float*>(z + (b - first) * P * C);
         if (co_t == C) {
-          tiles_conv(reinterpret_cast<const float*>(in), w_packed, wino_fwd, forward_geometry(), C, zb, epilogue, thread);
+          tiles_conv(reinterpret_cast<const float*>(in), w_packed, wino_fwd, forward_image(g), C, zb, epilogue, thread);
           continue;
         }
         // Padded channels: the tiles write (P, co_t) scratch rows, copied out without the padding.
@@ -200,7 +205,7 @@ struct ConvProducts {
         float* y = ep.y;
         if (y) ep.y = reinterpret_cast<float*>(padded_y(thread, P * co_t));
         float* out = scratch(thread, P, co_t);
-        tiles_conv(reinterpret_cast<const float*>(in), w_packed, wino_fwd, forward_geometry(), co_t, out,
+        tiles_conv(reinterpret_cast<const float*>(in), w_packed, wino_fwd, forward_image(g), co_t, out,
                    epilogue ? &ep : nullptr, thread);
         copy_rows(out, co_t, P, C, zb, C);
         if (y) copy_rows(ep.y, co_t, P, C, y, C);
@@ -239,7 +244,7 @@ struct ConvProducts {
           }
           dzb = d;
         }
-        fastmnist_cpu::weight_grad(reinterpret_cast<const float*>(in), dzb, forward_geometry(), co_t,
+        fastmnist_cpu::weight_grad(reinterpret_cast<const float*>(in), dzb, forward_image(g), co_t,
                                    reinterpret_cast<float*>(tile.data()), /*accumulate=*/pending[thread] > 0);
         if (++pending[thread] == kImagesPerFlush) flush_weight_grad(thread, acc);
       }
@@ -275,10 +280,9 @@ struct ConvProducts {
     (void)first;
     const int64_t P = g.pixels(), K = g.patch(), C = g.cout, image = g.h * g.w * g.cin;
     if (tiled) {  // a valid convolution of dz padded by (k - 1 - pad) with the flipped weight
-      const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
       const ImageGeometry gx = input_grad_image(g);
       for (int64_t b = 0; b < count; ++b) {
-        const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, ph, pw, padded_dz[thread]);
+        const scalar_t* in = pad_image(dz + b * P * C, g.hout, g.wout, C, gx.zero_rows, gx.zero_cols, padded_dz[thread]);
         float* dxb = reinterpret_cast<float*>(dx + b * image);
         float* out = ci_t == g.cin ? dxb : scratch(thread, g.h * g.w, ci_t);
         tiles_conv(reinterpret_cast<const float*>(in), w_flipped, wino_dx, gx, ci_t, out, nullptr, thread);

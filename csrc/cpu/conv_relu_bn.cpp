@@ -172,12 +172,7 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
     if constexpr (std::is_same<scalar_t, float>::value) {
       // The tiles apply bias, ReLU and the statistics (training) or the affine
       // map (eval) to each output value while it is in a register.
-      auto padded = [CT](const float* v, int64_t n) {
-        std::vector<float> out(CT, 0.0f);
-        std::copy_n(v, n, out.begin());
-        return out;
-      };
-      const std::vector<float> bias_t = padded(b_ptr, C);
+      const std::vector<float> bias_t = conv.epilogue_vector(b_ptr);
       std::vector<std::vector<float>> affine(threads, std::vector<float>(2 * CT, 0.0f));
       for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
         TileEpilogue ep;

@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <optional>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -109,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(const at::Tensor& x_in
     const int64_t P = g.pixels(), C = g.cout, pooled = (g.hout / pool) * (g.wout / pool);
     std::vector<std::vector<scalar_t>> z_buffers(threads);
     // Tiled, bias and ReLU are applied in registers (TileEpilogue) and only the pooling is left.
-    std::vector<float> bias_t(conv.epilogue_channels(), 0.0f);
-    if constexpr (std::is_same<scalar_t, float>::value) std::copy_n(b.const_data_ptr<float>(), C, bias_t.begin());
+    const std::vector<float> bias_t = conv.epilogue_vector(b.const_data_ptr<scalar_t>());
     TileEpilogue ep;
     ep.bias = bias_t.data();
     ep.relu = relu;

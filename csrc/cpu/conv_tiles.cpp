@@ -49,28 +49,41 @@ const char* tile_isa_name(TileIsa isa) {
   }
 }
 
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
-                const TileEpilogue* epilogue) {
+namespace {
+
+// The table of tile_isa()'s build, or nullptr where there are no tiles.
+const TileKernels* choose_kernels() {
 #ifdef FASTMNIST_X86_TILES
   switch (tile_isa()) {
-    case TileIsa::avx512: return avx512::valid_conv(in, w, g, CO, out, epilogue);
-    case TileIsa::avx2: return avx2::valid_conv(in, w, g, CO, out, epilogue);
+    case TileIsa::avx512: return &avx512::kernels;
+    case TileIsa::avx2: return &avx2::kernels;
     default: break;
   }
 #endif
-  TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
+  return nullptr;
+}
+
+const TileKernels& kernels() {
+  static const TileKernels* chosen = choose_kernels();
+  TORCH_INTERNAL_ASSERT(chosen != nullptr, "conv tiles called with no tile ISA");
+  return *chosen;
+}
+
+}  // namespace
+
+void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                const TileEpilogue* epilogue) {
+  kernels().valid_conv(in, w, g, CO, out, epilogue);
 }
 
 void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
                  bool accumulate) {
-#ifdef FASTMNIST_X86_TILES
-  switch (tile_isa()) {
-    case TileIsa::avx512: return avx512::weight_grad(in, dz, g, CO, dw, accumulate);
-    case TileIsa::avx2: return avx2::weight_grad(in, dz, g, CO, dw, accumulate);
-    default: break;
-  }
-#endif
-  TORCH_INTERNAL_ASSERT(false, "conv tiles called with no tile ISA");
+  kernels().weight_grad(in, dz, g, CO, dw, accumulate);
+}
+
+void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                   const TileEpilogue* epilogue, float* scratch) {
+  kernels().winograd_conv(in, wt, g, CO, out, epilogue, scratch);
 }
 
 bool winograd_enabled() {
@@ -79,18 +92,6 @@ bool winograd_enabled() {
     return v == nullptr || std::string(v) != "0";
   }();
   return enabled;
-}
-
-void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
-                   const TileEpilogue* epilogue, float* scratch) {
-#ifdef FASTMNIST_X86_TILES
-  switch (tile_isa()) {
-    case TileIsa::avx512: return avx512::winograd_conv(in, wt, g, CO, out, epilogue, scratch);
-    case TileIsa::avx2: return avx2::winograd_conv(in, wt, g, CO, out, epilogue, scratch);
-    default: break;
-  }
-#endif
-  TORCH_INTERNAL_ASSERT(false, "Winograd tiles called with no tile ISA");
 }
 
 }  // namespace fastmnist_cpu

@@ -96,22 +96,23 @@ inline void winograd_weights(const float* w, int64_t cin, int64_t CO, float* wt)
 void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
                    const TileEpilogue* epilogue, float* scratch);
 
-// The per-ISA builds (defined on x86-64 only).
+// One instruction set's build of the three loops (conv_tiles_avx2.cpp,
+// conv_tiles_avx512.cpp; defined on x86-64 only), as a table: the functions
+// above call the table of tile_isa(), chosen once, as ATen's DispatchStub holds
+// a kernel per capability.
+struct TileKernels {
+  void (*valid_conv)(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                     const TileEpilogue* epilogue);
+  void (*weight_grad)(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                      bool accumulate);
+  void (*winograd_conv)(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                        const TileEpilogue* epilogue, float* scratch);
+};
 namespace avx2 {
-void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
-                   const TileEpilogue* epilogue, float* scratch);
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
-                const TileEpilogue* epilogue);
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
-                 bool accumulate);
-}  // namespace avx2
+extern const TileKernels kernels;
+}
 namespace avx512 {
-void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
-                   const TileEpilogue* epilogue, float* scratch);
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
-                const TileEpilogue* epilogue);
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
-                 bool accumulate);
-}  // namespace avx512
+extern const TileKernels kernels;
+}
 
 }  // namespace fastmnist_cpu

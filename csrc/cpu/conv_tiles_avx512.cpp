@@ -43,23 +43,29 @@ struct Zmm {
 #include "conv_tiles_kernels.h"
 #include "conv_winograd_kernels.h"
 
-namespace fastmnist_cpu::avx512 {
-void winograd_conv(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
-                   const TileEpilogue* epilogue, float* scratch) {
+namespace {
+using fastmnist_cpu::TileEpilogue;
+void valid_conv_here(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
+                     const TileEpilogue* epilogue) {
+  if (CO % Zmm::L == 0) return valid_conv_all<Zmm>(in, w, g, CO, out, epilogue);
+  valid_conv_all<Ymm<32>>(in, w, g, CO, out, epilogue);
+}
+void weight_grad_here(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
+                      bool accumulate) {
+  if (CO % Zmm::L == 0) return weight_grad_all<Zmm>(in, dz, g, CO, dw, accumulate);
+  weight_grad_all<Ymm<32>>(in, dz, g, CO, dw, accumulate);
+}
+void winograd_conv_here(const float* in, const float* wt, const ImageGeometry& g, int64_t CO, float* out,
+                        const TileEpilogue* epilogue, float* scratch) {
   // The input transform runs over in_c (a multiple of 8) in ymm registers.
   if (CO % Zmm::L == 0) return winograd_conv_all<Ymm<32>, Zmm>(in, wt, g, CO, out, epilogue, scratch);
   winograd_conv_all<Ymm<32>, Ymm<32>>(in, wt, g, CO, out, epilogue, scratch);
 }
-void valid_conv(const float* in, const float* w, const ImageGeometry& g, int64_t CO, float* out,
-                const TileEpilogue* epilogue) {
-  if (CO % Zmm::L == 0) return valid_conv_all<Zmm>(in, w, g, CO, out, epilogue);
-  valid_conv_all<Ymm<32>>(in, w, g, CO, out, epilogue);
-}
-void weight_grad(const float* in, const float* dz, const ImageGeometry& g, int64_t CO, float* dw,
-                 bool accumulate) {
-  if (CO % Zmm::L == 0) return weight_grad_all<Zmm>(in, dz, g, CO, dw, accumulate);
-  weight_grad_all<Ymm<32>>(in, dz, g, CO, dw, accumulate);
-}
+}  // namespace
+
+namespace fastmnist_cpu::avx512 {
+// (named _here: inside fastmnist_cpu, plain valid_conv would be the dispatching one)
+const TileKernels kernels = {valid_conv_here, weight_grad_here, winograd_conv_here};
 }  // namespace fastmnist_cpu::avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
