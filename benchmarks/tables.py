@@ -102,7 +102,7 @@ def speed_machine(meta: dict) -> str:
 
 def commit(meta: dict) -> str:
     c = meta.get("git_commit")
-    return f"`{c[:7]}`" + (" (-dirty)" if c.endswith("-dirty") else "") if c else "not recorded"
+    return f"`{c[:7]}`" + (" + uncommitted edits" if c.endswith("-dirty") else "") if c else "not recorded"
 
 
 def layout_text(layout) -> str:
@@ -185,20 +185,27 @@ def render_summary() -> str:
     sets = seed_set(SEEDS)
     speed = [speed_record(n) for n in HEADLINE_SPEED]
     ratios = [variant(s, "fused")["ratio_to_stock_eager"] for s in speed]
-    step = f"**{span(ratios, lambda r: f'{r:.2f}')}x** of stock eager"
+    meta = speed[0]["meta"]
+    speed_cpu = meta.get("cpu_model") or meta["device_name"]
     rows = []
     for model, runs in sets.items():
         acc = finals(runs)
-        seeds = [r["config"]["seed"] for r in runs]
+        where = machine(runs[0]).rsplit(", torch", 1)[0]
+        step = "not timed"
+        if model == "default":
+            step = f"**{span(ratios, lambda r: f'{r:.2f}')}x**"
+            if not where.startswith(speed_cpu):
+                where += f"; step: {speed_cpu}, {meta['torch_threads']} threads"
         rows.append([f"`{model}`", f"{runs[0]['parameters']:,}", runs[0]["config"]["epochs"],
-                     f"{span(seeds, str)}", f"**{pct(min(acc))}** / {pct(statistics.mean(acc))}",
-                     f"{statistics.mean(map(minutes, runs)):.1f}", step if model == "default" else "not timed"])
-    header = ["model", "parameters", "epochs", "seeds", "final test accuracy: min / mean", "minutes per run",
-              "training step, fused vs stock"]
-    run0, meta = sets["default"][0], speed[0]["meta"]
-    note = (f"\nAccuracy and minutes: `fastmnist train --model MODEL --seed N`, fused CPU operator, on "
-            f"{machine(run0)} ([records](benchmarks/results/{SEEDS}/)). Training step: the default model, "
-            f"batch {meta['batch_size']}, median of {len(speed)} runs' interleaved steps on "
+                     f"**{pct(min(acc))}** / {pct(statistics.mean(acc))}",
+                     f"{statistics.mean(map(minutes, runs)):.1f}", step, where])
+    seeds = span([r["config"]["seed"] for r in sets["default"]], str)
+    header = ["model", "parameters", "epochs", f"final test accuracy, seeds {seeds}: min / mean", "minutes per run",
+              "training step, fused / stock eager", "measured on"]
+    run0 = sets["default"][0]
+    note = (f"\nAccuracy and minutes: `fastmnist train --model MODEL --seed N`, fused CPU operator, torch "
+            f"{run0['torch_version'].split('+')[0]} ([records](benchmarks/results/{SEEDS}/)). Training step: the "
+            f"default model, batch {meta['batch_size']}, median step of {len(speed)} runs on "
             f"{speed_machine(meta)}, kernel path `{meta['fused_cpu_kernel_path']}`, commit {commit(meta)} "
             f"([method and history](docs/speed.md)).")
     return table(header, rows) + "\n" + note
