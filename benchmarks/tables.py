@@ -81,6 +81,14 @@ def span(values, fmt) -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
+def seeds_text(runs) -> str:
+    """'0–4' for a run of consecutive seeds, else '1, 3'."""
+    seeds = [r["config"]["seed"] for r in runs]
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -199,7 +207,7 @@ def render_summary() -> str:
         rows.append([f"`{model}`", f"{runs[0]['parameters']:,}", runs[0]["config"]["epochs"],
                      f"**{pct(min(acc))}** / {pct(statistics.mean(acc))}",
                      f"{statistics.mean(map(minutes, runs)):.1f}", step, where])
-    seeds = span([r["config"]["seed"] for r in sets["default"]], str)
+    seeds = seeds_text(sets["default"])
     header = ["model", "parameters", "epochs", f"final test accuracy, seeds {seeds}: min / mean", "minutes per run",
               "training step, fused / stock eager", "measured on"]
     run0 = sets["default"][0]
@@ -232,7 +240,7 @@ def render_earlier_seeds() -> str:
     rows = []
     for model, runs in seed_set(EARLIER_SEEDS).items():
         acc = finals(runs)
-        rows.append([f"`{model}`", span([r["config"]["seed"] for r in runs], str), pct(min(acc)),
+        rows.append([f"`{model}`", seeds_text(runs), pct(min(acc)),
                      pct(statistics.mean(acc)), machine(runs[0]), f"`{EARLIER_SEEDS}/{model}/`"])
     return table(["model", "seeds", "min final", "mean final", "machine", "records"], rows)
 
@@ -308,7 +316,7 @@ def render_ablation() -> str:
     for label, folder in (("nothing: **the recipe**", SEEDS), (f"nothing: the recipe, kernels of `{EARLIER_SEEDS[-7:]}`",
                                                                 EARLIER_SEEDS)):
         for model, runs in seed_set(folder).items():
-            rows[model].append([f"`{model}`", label, span([r["config"]["seed"] for r in runs], str),
+            rows[model].append([f"`{model}`", label, seeds_text(runs),
                                 accuracies(runs), "", f"`{folder}/{model}/`"])
     for folder in ablation_folders():
         runs = load_runs(folder)
@@ -321,8 +329,8 @@ def render_ablation() -> str:
         if same_code:
             by_seed = {r["config"]["seed"]: r for r in seed_set(same_code)[model]}
             baseline = accuracies([by_seed[r["config"]["seed"]] for r in runs])
-        rows[model].append([f"`{model}`", differences(runs[0], recipes[model]) or "nothing",
-                            ", ".join(str(r["config"]["seed"]) for r in runs), accuracies(runs), baseline,
+        rows[model].append([f"`{model}`", differences(runs[0], recipes[model]) or "nothing (a probe run of the recipe)",
+                            seeds_text(runs), accuracies(runs), baseline,
                             f"`{folder.relative_to(RESULTS).as_posix()}/`"])
     header = ["model", "what differs from the model's recipe", "seeds", "final accuracy",
               "the recipe, same seeds and code", "runs (`benchmarks/results/`)"]
