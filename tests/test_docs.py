@@ -59,6 +59,19 @@ def test_links_point_at_files_the_repository_has(path):
     assert not missing, f"{path.relative_to(ROOT)} links to files that do not exist: {missing}"
 
 
+def anchors(path: Path) -> set:
+    """GitHub's heading anchors: lower case, punctuation dropped but - and _, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("path", tables.documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_to_a_heading_find_it(path):
+    links = re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", path.read_text())
+    broken = [f"{t}#{a}" for t, a in links if "://" not in t and a not in anchors(path.parent / t if t else path)]
+    assert not broken, f"{path.relative_to(ROOT)} links to headings that do not exist: {broken}"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
 def test_each_doc_opens_with_what_it_is_for(path):
     """A title, then within the first paragraphs a sentence saying what the page is for."""
