@@ -188,6 +188,22 @@ def render_recipe() -> str:
 
 # ---------------------------------------------------------------- accuracy
 
+TRAIN_LOG = f"{SEEDS}/default/seed0.log"  # README's example of `fastmnist train`: a recorded run, not a retyped one
+
+
+def render_train_log() -> str:
+    return "```\n" + (RESULTS / TRAIN_LOG).read_text().rstrip("\n") + "\n```"
+
+
+def render_example(*names, last_line_only=()) -> str:
+    """Commands' recorded output (benchmarks/examples.sh writes each as "$ command" then what it printed)."""
+    shown = []
+    for name in names:
+        lines = (RESULTS / "examples" / name).read_text().rstrip("\n").splitlines()
+        shown += [lines[0], lines[-1]] if name in last_line_only else lines
+    return "```\n" + "\n".join(shown) + "\n```"
+
+
 def render_summary() -> str:
     """README's one table: each model's recipe over seeds, and the default model's training step."""
     sets = seed_set(SEEDS)
@@ -386,6 +402,11 @@ def render_speed_history() -> str:
 
 TABLES = {
     "summary": render_summary,
+    "train-log": render_train_log,
+    "example-eval": lambda: render_example("eval.txt"),
+    "example-predict": lambda: render_example("predict.txt"),
+    "example-errors": lambda: render_example("error-checkpoint.txt", "error-flag.txt",
+                                             last_line_only=("error-flag.txt",)),
     "network": render_network,
     "recipe": render_recipe,
     "seeds-default": lambda: render_seeds("default"),
