@@ -45,9 +45,7 @@ def load_run(path: Path) -> dict:
     folder = path.parent.parent.relative_to(RESULTS).as_posix()
     fill = legacy_fields().get(folder, {})
     run["config"] = {**run["config"], **fill.get("config", {})}
-    run.setdefault("layout", fill.get("layout"))
-    if run["layout"] is None:
-        run["layout"] = fill.get("layout")
+    run["layout"] = run.get("layout") or fill.get("layout")
     run["folder"] = folder
     return run
 
@@ -481,8 +479,8 @@ def main(argv) -> int:
         for path, (old, new) in changes.items():
             rel = str(path.relative_to(ROOT))
             sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), rel, rel + " (rendered)"))
-        if changes:
-            print("\ntables differ from benchmarks/results/: run `python benchmarks/tables.py`")
+        print("\ntables differ from benchmarks/results/: run `python benchmarks/tables.py`" if changes
+              else "every table matches benchmarks/results/")
         return 1 if changes else 0
     for path, (_, new) in changes.items():
         path.write_text(new)
