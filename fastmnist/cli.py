@@ -58,6 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the network. Writes metrics.json, model.pt, curves.png and a "
                        "resumable checkpoint.pt (after every epoch) to --out. Ctrl-C saves and prints "
                        "the command that resumes.")
+    add_train_arguments(t)
+
+    e = sub.add_parser("eval", help="test accuracy of a saved model, overall and per digit",
+                       description="Print the MNIST test accuracy of a model.pt, overall and per digit (with the "
+                       "digit each is most often mistaken for).")
+    e.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
+    e.add_argument("--data-dir", help="folder with the MNIST files (see train --data-dir)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--report", metavar="DIR", help="also write report.json (per-digit counts, confusion matrix, "
+                   "every mistake), confusion.png and mistakes.png (every misclassified digit) to DIR, created "
+                   "if needed; the PNGs need matplotlib")
+
+    p = sub.add_parser("predict", help="classify your own digit images",
+                       description="Classify images of handwritten digits (PNG, JPEG, GIF, BMP or WebP, any size, dark-on-light "
+                       "or light-on-dark); each is brought to MNIST's convention first.")
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """train's flags: the recipe's settings (default None: the model's recipe decides), then the run's."""
     t.add_argument("--epochs", type=_number(int, 1, 1000), default=None,
                    help=f"passes over the 60,000 training images (default {describe('epochs')})")
     t.add_argument("--batch-size", type=_number(int, 2, 60000), default=None,
@@ -94,25 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-train", type=_number(int, 2), help="use only the first N training images (smoke tests)")
     t.add_argument("--limit-test", type=_number(int, 1), help="use only the first N test images (smoke tests)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-    e = sub.add_parser("eval", help="test accuracy of a saved model, overall and per digit",
-                       description="Print the MNIST test accuracy of a model.pt, overall and per digit (with the "
-                       "digit each is most often mistaken for).")
-    e.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
-    e.add_argument("--data-dir", help="folder with the MNIST files (see train --data-dir)")
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    e.add_argument("--report", metavar="DIR", help="also write report.json (per-digit counts, confusion matrix, "
-                   "every mistake), confusion.png and mistakes.png (every misclassified digit) to DIR, created "
-                   "if needed; the PNGs need matplotlib")
-
-    p = sub.add_parser("predict", help="classify your own digit images",
-                       description="Classify images of handwritten digits (PNG, JPEG, GIF, BMP or WebP, any size, dark-on-light "
-                       "or light-on-dark); each is brought to MNIST's convention first.")
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    return parser
 
 
 # The train flags that set TrainConfig fields: their parser default is None, so that

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from conftest import one_line_error, run_cli
 from fastmnist import runs, train as train_module, training_state
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.runs import PREVIOUS_RUN, RunExistsError
@@ -89,19 +88,20 @@ def hold_lock(folder):
 
 
 @pytest.mark.parametrize("mode", ["new", "resume", "overwrite"])
-def test_a_folder_in_use_is_refused_naming_the_holder(tmp_path, mnist_dir, mode):
+def test_a_folder_in_use_is_refused_naming_the_holder(tmp_path, mnist_dir, mode, capsys):
+    from fastmnist.cli import main
+
     out = tmp_path / "run"
     fake_run(out, "old")
     old = contents(out)
     fd = hold_lock(out)
     try:
-        args = {"new": ["--out", str(out)], "resume": ["--resume", str(out)],
-                "overwrite": ["--out", str(out), "--overwrite"]}[mode]
-        flags = TINY if mode != "resume" else ["--no-progress"]
-        line = one_line_error(run_cli("train", *flags, "--data-dir", mnist_dir, *args))
+        args = {"new": [*TINY, "--out", str(out)], "resume": ["--resume", str(out)],
+                "overwrite": [*TINY, "--out", str(out), "--overwrite"]}[mode]
+        assert main(["train", *args, "--data-dir", mnist_dir]) == 2
     finally:
         os.close(fd)
-    assert f"{out} is in use by another fastmnist process (pid {os.getpid()})" in line
+    assert f"{out} is in use by another fastmnist process (pid {os.getpid()})" in error_line(capsys)
     assert {k: v for k, v in contents(out).items() if k != runs.LOCK_FILE} == old
 
 
