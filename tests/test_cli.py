@@ -54,7 +54,6 @@ def test_train_end_to_end_writes_metrics_and_model(trained_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "epochs", "final_test_acc", "parameters", "torch_version", "device"} <= set(metrics)
     assert metrics["epochs"][0]["test_acc"] == metrics["final_test_acc"]
-    assert 0.2 < metrics["final_test_acc"] < 1  # 8 steps: well above chance (0.1), far from done
     acc = f"{100 * metrics['final_test_acc']:.2f}%"
     assert f"test acc {acc}" in result.stdout and f"final test accuracy {acc} -> {out}" in result.stdout
     ckpt = torch.load(out / "model.pt", weights_only=True)
