@@ -11,7 +11,7 @@ from pathlib import Path
 # no other command uses, waits for its handler: it pulls in Pillow and torchvision (1.7 s measured).
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.data import MNISTDataError
-from fastmnist.evaluate import evaluate_checkpoint
+from fastmnist.evaluation import evaluate_checkpoint
 from fastmnist.files import OutputError
 from fastmnist.model import LAYOUTS
 from fastmnist.recipes import describe

@@ -3,7 +3,7 @@
 `fastmnist eval` prints per_class_table(); with --report DIR, write_report() adds report.json,
 confusion.png and mistakes.png (drawn by fastmnist.plots; they need matplotlib, the `plot` extra).
 Everything here works from the labels and the softmax probabilities of the one evaluation pass
-eval already makes (fastmnist.evaluate).
+eval already makes (fastmnist.evaluation).
 """
 from pathlib import Path
 

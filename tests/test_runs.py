@@ -1,5 +1,6 @@
 """A run's folder: one process at a time, --overwrite that loses nothing, a full disk and signals as one line."""
 import fcntl
+import importlib
 import os
 import signal
 import subprocess
@@ -8,11 +9,12 @@ import time
 
 import pytest
 
-from fastmnist import runs, train as train_module, training_state
+from fastmnist import runs, training_state
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.runs import PREVIOUS_RUN, RunExistsError
 from fastmnist.train import TrainConfig, TrainingStopped, train
 
+train_module = importlib.import_module("fastmnist.train")  # the module, whatever the package binds to the name
 TINY = ["--model", "tiny", "--epochs", "2", "--limit-train", "256", "--limit-test", "100", "--no-progress"]
 
 

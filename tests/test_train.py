@@ -1,3 +1,4 @@
+import importlib
 import json
 import signal
 import sys
@@ -5,12 +6,14 @@ import sys
 import pytest
 import torch
 
-from fastmnist import runs, train as train_module, training_state
+from fastmnist import runs, training_state
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.files import torch_save_atomic
 from fastmnist.plots import plot_curves
 from fastmnist.runs import run_folder
 from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, model_kwargs, train
+
+train_module = importlib.import_module("fastmnist.train")  # the module, whatever the package binds to the name
 
 
 def tiny(mnist_dir, out, **kw):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastmnist.checkpoint import load_model
-from fastmnist.evaluate import evaluate
+from fastmnist.evaluation import evaluate
 
 
 @pytest.fixture
