@@ -51,6 +51,7 @@ def claim(out: Path, resume: bool, overwrite: bool):
     put back, or dropped if the replacing run got as far as its first epoch.
     On an OutputError (a full disk...) the error is told what was kept.
     """
+    out = Path(out)
     lock = lock_folder(out, create=not resume)  # a missing folder to resume: training_state.load says so
     try:
         settle_previous_run(out)

@@ -18,6 +18,9 @@ from fastmnist.errors import first_line
 from fastmnist.ema import WeightAverage
 from fastmnist.files import torch_save_atomic
 
+if typing.TYPE_CHECKING:  # train imports this module
+    from fastmnist.train import TrainConfig
+
 STATE_FILE = "checkpoint.pt"
 PARTS = {"config", "model", "optimizer", "scheduler", "rng", "history", "epoch", "step", "sums", "seen"}
 REMEDY = "it is damaged or was written by another fastmnist version: start a new run with --overwrite or another --out"
@@ -27,7 +30,7 @@ REMEDY = "it is damaged or was written by another fastmnist version: start a new
 class Run:
     """A run's data, model and optimiser, and its position: what an epoch advances and a checkpoint saves."""
 
-    cfg: "TrainConfig"  # fastmnist.train's
+    cfg: "TrainConfig"
     out: Path
     device: torch.device
     data: tuple  # train images, train labels, test images, test labels, all on the device

@@ -118,6 +118,26 @@ def test_the_lock_is_released_and_taken_again(tmp_path):
         pass
 
 
+def test_a_killed_holders_lock_is_free_at_once(tmp_path):
+    """The kernel drops an flock with its process, SIGKILL included: a stale .lock never blocks a folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / runs.LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, f'{os.getpid()}\\n'.encode())\n"
+        "print('locked', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(runs.RunInUseError, match=f"pid {holder.pid}\\)"):
+            runs.lock_folder(out, create=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    with runs.claim(out, resume=False, overwrite=False):
+        assert (out / runs.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
 # Signals (issue 19, defect 7): a stop before the new run's first epoch ends gives the old run back.
 
 def test_a_stop_in_a_replacing_runs_first_epoch_puts_the_old_run_back(mnist_dir, tmp_path, monkeypatch):
