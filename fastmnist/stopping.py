@@ -1,11 +1,13 @@
 """Ctrl-C and SIGTERM during training: a flag the loop checks at each step boundary.
 
-`fastmnist train` raises the flag from the first line of the command's code,
+`fastmnist train` holds both signals from the first line of cli.main(),
 before any file is touched, so a signal at any moment after that reaches the
 run's own handling (fastmnist.train says what was saved or put back); a
 library caller of fastmnist.train gets it for the call's duration. A second
 signal stops at once, without saving: TrainingAborted, a KeyboardInterrupt,
 so the run's cleanup (fastmnist.runs.claim) still runs on the way out.
+(Before cli.main runs, Python imports the package and torch, 1-2 s in which a
+signal ends the process as it would any program: nothing has been touched yet.)
 """
 import signal
 import threading
