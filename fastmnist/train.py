@@ -192,11 +192,11 @@ def train_epoch(run: Run) -> float:
         run.seen += len(y)
         if step % 25 == 24 or step == run.steps_per_epoch - 1:  # one host sync every 25 steps
             s = run.sums.tolist()
-            if int(bad_step) >= 0:
-                raise NonFiniteLoss(
-                    f"loss became non-finite at epoch {run.epoch + 1}, step {int(bad_step) + 1}; training stopped "
-                    f"and the last good checkpoint in {run.out}, if any, was kept. Try a lower --lr."
-                )
+            if int(bad_step) >= 0:  # runs.claim puts back a run this one was replacing
+                kept = (f"the run it was replacing is back in {run.out}" if runs.replacing(run.out)
+                        else f"the last good checkpoint in {run.out}, if any, was kept")
+                raise NonFiniteLoss(f"loss became non-finite at epoch {run.epoch + 1}, step {int(bad_step) + 1}; "
+                                    f"training stopped and {kept}. Try a lower --lr.")
             bar.set_postfix(loss=f"{s[0] / run.seen:.4f}", acc=f"{s[1] / run.seen:.4f}",
                             img_s=f"{run.seen / (time.perf_counter() - t0 + 1e-9):.0f}")
     else:
