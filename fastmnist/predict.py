@@ -27,6 +27,8 @@ from torchvision.transforms.v2.functional import resize
 
 from fastmnist.checkpoint import load_model
 from fastmnist.device import resolve_device
+from fastmnist.errors import first_line
+from fastmnist.model import MEMORY_FORMAT
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
@@ -148,7 +150,7 @@ def _decode_gray(path: Path) -> torch.Tensor:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(path, f"over the limit of {MAX_PIXELS // 10**6} megapixels; pass a smaller image") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line
-        raise ImageError(path, f"not a readable image ({_first_line(exc)})") from None
+        raise ImageError(path, f"not a readable image ({first_line(exc)})") from None
     return _to_tensor(gray) / scale
 
 
@@ -186,11 +188,6 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     dtype = torch.float32 if image.mode == "F" else torch.uint8
     width, height = image.size
     return torch.frombuffer(bytearray(image.tobytes()), dtype=dtype).reshape(height, width).float()
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _border(image: torch.Tensor) -> torch.Tensor:
@@ -264,9 +261,9 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
         except ImageError as exc:
             results.append({"file": str(name), "error": exc.reason})  # the caller prints the file
         except Exception as exc:  # a decoder's bug or MemoryError costs this file its answer, not the others
-            results.append({"file": str(name), "error": f"could not be processed ({_first_line(exc)})"})
+            results.append({"file": str(name), "error": f"could not be processed ({first_line(exc)})"})
     if digits:
-        x = torch.stack(digits).to(device).contiguous(memory_format=torch.channels_last)
+        x = torch.stack(digits).to(device).contiguous(memory_format=MEMORY_FORMAT)
         probs = F.softmax(model(x).float(), dim=1).cpu()
         p, digit = probs.max(1)
         finite = torch.isfinite(probs).all(1)
