@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
-from fastmnist.checkpoint import load_model
+from fastmnist.model_file import load_model
 from fastmnist.device import resolve_device
 
 CANVAS = 28
