@@ -132,27 +132,27 @@ def check_state_dict(state_dict, expected: dict, name: str) -> None:
     if not isinstance(state_dict, dict) or not all(isinstance(k, str) for k in state_dict):
         raise CheckpointError(f"{name}: state_dict is a {type(state_dict).__name__}, not a dict of named tensors; "
                               f"{MODEL_REMEDY}")
-    remedy = "was it saved by another version or for another model?"
+    fits, remedy = f"{name}: does not fit the model it names", "was it saved by another version or for another model?"
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing:
-        raise CheckpointError(f"{name}: state_dict lacks {_some(missing)} ({len(missing)} of the {len(expected)} "
-                              f"tensors of the model it names); {remedy}")
+        raise CheckpointError(f"{fits}: state_dict lacks {_some(missing)} ({len(missing)} of the {len(expected)} "
+                              f"tensors of the model); {remedy}")
     if unexpected:
-        raise CheckpointError(f"{name}: state_dict has {_some(unexpected)}, which the model it names does not "
+        raise CheckpointError(f"{fits}: state_dict has {_some(unexpected)}, which the model does not "
                               f"({len(unexpected)} extra); {remedy}")
     for key, want in expected.items():
         got = state_dict[key]
         if not isinstance(got, torch.Tensor):
-            raise CheckpointError(f"{name}: state_dict[{key!r}] is {shorten(got)}, not a tensor; {remedy}")
+            raise CheckpointError(f"{fits}: state_dict[{key!r}] is {shorten(got)}, not a tensor; {remedy}")
         if got.layout != torch.strided or got.is_quantized or got.is_nested or got.device.type != "cpu":
-            raise CheckpointError(f"{name}: state_dict[{key!r}] is a {got.layout} tensor on {got.device.type}, "
+            raise CheckpointError(f"{fits}: state_dict[{key!r}] is a {got.layout} tensor on {got.device.type}, "
                                   f"not a dense one; {remedy}")
         if got.dtype.is_complex or got.dtype == torch.bool or got.is_floating_point() != want.is_floating_point():
-            raise CheckpointError(f"{name}: state_dict[{key!r}] holds {got.dtype}, the model {want.dtype}; {remedy}")
+            raise CheckpointError(f"{fits}: state_dict[{key!r}] holds {got.dtype}, the model {want.dtype}; {remedy}")
         if got.shape != want.shape:
-            raise CheckpointError(f"{name}: state_dict[{key!r}] has shape {shorten_sequence(tuple(got.shape))}, the "
-                                  f"model {tuple(want.shape)}; {remedy}")
+            raise CheckpointError(f"{fits}: state_dict[{key!r}] has shape {shorten_sequence(tuple(got.shape))}, the "
+                                  f"model {shorten_sequence(tuple(want.shape))}; {remedy}")
 
 
 def _some(keys, shown: int = 3) -> str:

@@ -27,6 +27,7 @@ from torchvision.transforms.v2.functional import resize
 
 from fastmnist.model_file import load_model
 from fastmnist.device import resolve_device
+from fastmnist.display import display_name, display_text
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
@@ -47,7 +48,7 @@ class ImageError(Exception):
     """An image that cannot be read, decoded, or holds no digit; the message names the file."""
 
     def __init__(self, path, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{display_name(path)}: {reason}")
         self.path, self.reason = path, reason
 
     def __reduce__(self):  # picklable, so a decoding worker process can send it back
@@ -129,17 +130,23 @@ def _png_rows_complete(data: bytes) -> bool:
     return inflated >= expected
 
 
-def _decode_gray(path: Path) -> torch.Tensor:
-    """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced."""
+def _decode_gray(path: Path, notes: list) -> torch.Tensor:
+    """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced.
+
+    What the decoder warns about the file (a damaged EXIF block, say: the image is read as stored) is
+    appended to notes as our own words, never printed by the warnings machinery with Pillow's paths.
+    """
     data = _read_regular_file(path)
     try:
-        with warnings.catch_warnings():  # Pillow's own bomb guard, a second line behind MAX_PIXELS
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's bomb guard, behind MAX_PIXELS
             image = _open_checked(data, path)
             gray, scale = _flatten(image)
             factor = math.ceil(max(gray.size) / WORK_SIDE)
             if factor > 1:
                 gray = gray.reduce(factor)  # box filter: the antialiasing a shrink needs
+        notes += _decoder_notes(warned)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -150,6 +157,12 @@ def _decode_gray(path: Path) -> torch.Tensor:
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line
         raise ImageError(path, f"not a readable image ({_first_line(exc)})") from None
     return _to_tensor(gray) / scale
+
+
+def _decoder_notes(warned) -> list:
+    """One line per distinct warning the decoder gave, in our words (the first line of its message, cut)."""
+    lines = dict.fromkeys(_first_line(w.message).split(": ", 1)[-1] for w in warned)
+    return [f"the decoder warned ({line}); the image was read anyway" for line in lines]
 
 
 def _flatten(image: Image.Image):
@@ -188,9 +201,12 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.frombuffer(bytearray(image.tobytes()), dtype=dtype).reshape(height, width).float()
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    """One short printable line: a decoder's message may quote the file's bytes."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {display_text(text[:limit])}{'...' if len(text) > limit else ''}"
 
 
 def _border(image: torch.Tensor) -> torch.Tensor:
@@ -240,10 +256,13 @@ def _centre_by_mass(digit: torch.Tensor) -> torch.Tensor:
     return F.pad(digit, (left, CANVAS - left - w, top, CANVAS - top - h))
 
 
-def load_digit(path) -> torch.Tensor:
-    """An image file as a (1, 28, 28) float32 tensor in [0, 1], the way MNIST's digits look."""
+def load_digit(path, notes: list = None) -> torch.Tensor:
+    """An image file as a (1, 28, 28) float32 tensor in [0, 1], the way MNIST's digits look.
+
+    notes, when given, receives one line per thing the decoder warned about (the file was still read).
+    """
     path = Path(path)
-    ink = _ink(_decode_gray(path), path)
+    ink = _ink(_decode_gray(path, [] if notes is None else notes), path)
     return _centre_by_mass(_fit_box(ink)).clamp_(0.0, 1.0)[None].contiguous()
 
 
@@ -251,6 +270,9 @@ def load_digit(path) -> torch.Tensor:
 def predict_files(checkpoint_path, image_paths, device="auto") -> list:
     """Per file, {"file", "digit", "probability"} or {"file", "error"}, in the given order.
 
+    "file" is the name as given (a str; undecodable bytes as os.fsdecode carries them): callers that
+    print it use fastmnist.display (display_name for people, json_name for JSON). "warning", where
+    present, is what the decoder warned about a file it still read, in one line.
     A bad checkpoint (or one whose weights are not finite) raises CheckpointError;
     a bad image only fails its own entry, whatever the decoder raised.
     """
@@ -258,13 +280,16 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
     model, _ = load_model(checkpoint_path, device)
     results, digits = [], []
     for name in image_paths:
+        name, notes = os.fsdecode(name), []
         try:
-            digits.append(load_digit(name))
-            results.append({"file": str(name)})
+            digits.append(load_digit(name, notes))
+            results.append({"file": name})
         except ImageError as exc:
-            results.append({"file": str(name), "error": exc.reason})  # the caller prints the file
+            results.append({"file": name, "error": exc.reason})  # the caller prints the file
         except Exception as exc:  # a decoder's bug or MemoryError costs this file its answer, not the others
-            results.append({"file": str(name), "error": f"could not be processed ({_first_line(exc)})"})
+            results.append({"file": name, "error": f"could not be processed ({_first_line(exc)})"})
+        if notes:
+            results[-1]["warning"] = "; ".join(notes)
     if digits:
         x = torch.stack(digits).to(device).contiguous(memory_format=torch.channels_last)
         probs = F.softmax(model(x).float(), dim=1).cpu()

@@ -75,7 +75,7 @@ CRAFTED = {
     "huge_shape": (lambda m, p: edited(m, p, lambda c: c["state_dict"].update(
         {first_key(c, "conv.weight"): torch.zeros(1).expand(2 * GIB)})), r"has shape \(2147483648\), the model"),
     "missing": (lambda m, p: edited(m, p, lambda c: c["state_dict"].pop(first_key(c, "running_var"))),
-                r"state_dict lacks '1.bn.running_var' \(1 of the \d+ tensors"),
+                r"does not fit the model it names: state_dict lacks '1.bn.running_var' \(1 of the \d+ tensors"),
     "complex": (lambda m, p: edited(m, p, lambda c: c["state_dict"].update(
         {first_key(c, "bn.weight"): torch.ones(16, dtype=torch.complex64)})),
         r"state_dict\['1.bn.weight'\] holds torch.complex64, the model torch.float32"),

@@ -331,10 +331,10 @@ def test_any_failure_of_one_file_leaves_the_others_their_answers(untrained_model
     good, doomed = save_gray(seven(), tmp_path / "good.png"), save_gray(seven(), tmp_path / "doomed.png")
     original = predict.load_digit
 
-    def flaky(path):
-        if path == doomed:
+    def flaky(path, notes=None):
+        if Path(path) == Path(doomed):
             raise MemoryError("the decoder ran out of memory")
-        return original(path)
+        return original(path, notes)
 
     monkeypatch.setattr(predict, "load_digit", flaky)
     results = predict_files(untrained_model, [doomed, good], device="cpu")
