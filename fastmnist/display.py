@@ -71,7 +71,8 @@ def shorten(value, limit: int = QUOTE_LIMIT) -> str:
     """
     if isinstance(value, (str, bytes)):
         text = repr(value[:limit])
-        return text if len(value) <= limit else f"{text}... ({len(value):,} {'characters' if isinstance(value, str) else 'bytes'})"
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return text if len(value) <= limit else f"{text}... ({len(value):,} {unit})"
     if isinstance(value, bool) or value is None:
         return repr(value)
     if isinstance(value, int):

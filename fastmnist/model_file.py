@@ -106,7 +106,8 @@ def check_model_kwargs(kwargs, name: str) -> dict:
                               f"arguments; {MODEL_REMEDY}")
     unknown = [k for k in kwargs if k not in ("name", "impl", "dropout")]
     if unknown:
-        raise CheckpointError(f"{name}: model_kwargs holds unknown arguments {shorten_sequence([shorten(k) for k in unknown])} "
+        shown = shorten_sequence([shorten(k) for k in unknown])
+        raise CheckpointError(f"{name}: model_kwargs holds unknown arguments {shown} "
                               f"(expected name, impl, dropout); {MODEL_REMEDY}")
     model = kwargs.get("name", "default")
     if type(model) is not str or model not in LAYOUTS:

@@ -76,7 +76,8 @@ def images(tmp_path_factory):
     undecodable = digit_image(os.fsdecode(bytes(folder) + b"/bad\xff.png"))
     missing = os.fsdecode(bytes(folder) + b"/gone\xfe.png")
     # An EXIF block whose first IFD entry is cut short: Pillow warns "Corrupt EXIF data" from its own source file.
-    photo = digit_image(folder / "photo.jpg", "JPEG", exif=b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01\x03\x00")
+    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01\x03\x00"
+    photo = digit_image(folder / "photo.jpg", "JPEG", exif=exif)
     return {"folder": folder, "good": good, "newline": newline, "undecodable": undecodable, "missing": missing,
             "photo": photo}
 
