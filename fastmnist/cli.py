@@ -185,10 +185,10 @@ def main(argv=None) -> int:
     try:
         return handler(args)
     except TrainingStopped as exc:
-        print(f"\nfastmnist: {exc}", file=sys.stderr)
+        print(f"\nfastmnist: {display_text(str(exc))}", file=sys.stderr)
         return 130
     except NonFiniteLoss as exc:
-        print(f"fastmnist: error: {exc}", file=sys.stderr)
+        print(f"fastmnist: error: {display_text(str(exc))}", file=sys.stderr)
         return 1
     except USER_ERRORS as exc:
         if args.debug:

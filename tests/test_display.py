@@ -127,3 +127,10 @@ def test_help_shows_a_single_percent_sign():
 
     text = build_parser().format_help()
     assert "99.4% MNIST" in " ".join(text.split()) and "%%" not in text
+
+
+def test_an_error_shows_the_name_escaped(tmp_path):
+    from conftest import one_line_error, run_cli
+
+    line = one_line_error(run_cli("eval", "--checkpoint", str(tmp_path / "a\nb\x1b[2J.pt")))
+    assert f"{tmp_path}/a\\nb\\x1b[2J.pt: no such model checkpoint" in line
