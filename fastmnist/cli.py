@@ -140,7 +140,8 @@ def cmd_eval(args) -> int:
     if args.report:
         prepare_report_dir(args.report)  # an unwritable folder fails before the evaluation, not after
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, log=say, predictions=True)
-    print(f"{display_name(args.checkpoint)}: test accuracy {100 * result['test_acc']:.2f}% (test loss {result['test_loss']:.4f})")
+    print(f"{display_name(args.checkpoint)}: test accuracy {100 * result['test_acc']:.2f}% "
+          f"(test loss {result['test_loss']:.4f})")
     summary = summarize(result["labels"], result["probabilities"])
     print(per_class_table(summary))
     if args.report:

@@ -243,8 +243,12 @@ def _move_in(fetched: Path, dest: Path) -> None:
     for name, path in files.items():
         if name not in have:
             target = dest / path.name
-            shutil.copyfile(path, target.with_name(target.name + ".part"))  # the temporary folder may be another disk
-            os.replace(target.with_name(target.name + ".part"), target)
+            part = target.with_name(target.name + ".part")
+            try:
+                shutil.copyfile(path, part)  # copied, not renamed: the temporary folder may be on another disk
+                os.replace(part, target)
+            finally:
+                part.unlink(missing_ok=True)
 
 
 def acquire(dest, log=print) -> str:

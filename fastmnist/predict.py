@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
-from fastmnist.model_file import load_model
 from fastmnist.device import resolve_device
 from fastmnist.display import display_name, display_text
+from fastmnist.model_file import load_model
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
