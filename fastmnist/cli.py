@@ -11,6 +11,7 @@ from pathlib import Path
 # no other command uses, waits for its handler: it pulls in Pillow and torchvision (1.7 s measured).
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.data import MNISTDataError
+from fastmnist.display import display_name, display_text, json_name
 from fastmnist.evaluation import evaluate_checkpoint
 from fastmnist.files import OutputError
 from fastmnist.model import LAYOUTS
@@ -48,7 +49,7 @@ def _number(kind, low, high=None, low_open=False):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmnist",
-        description="Train a small (under 20,000 parameters) no-FC CNN to >= 99.4%% MNIST test accuracy, "
+        description="Train a small (under 20,000 parameters) no-FC CNN to >= 99.4% MNIST test accuracy, "
         "using a fused Conv2d+ReLU+BatchNorm2d operator (C++ on the CPU, CUDA on the GPU).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -142,21 +143,22 @@ def cmd_train(args) -> int:
     # What the user did not give comes from the model's recipe (TrainConfig fills it in).
     cfg = TrainConfig(**given, data_dir=args.data_dir, out=args.resume or args.out,
                       progress=args.progress and sys.stderr.isatty())
-    train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    train(cfg, resume=bool(args.resume), overwrite=args.overwrite, log=say)
     return 0
 
 
 def cmd_eval(args) -> int:
     if args.report:
         prepare_report_dir(args.report)  # an unwritable folder fails before the evaluation, not after
-    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, predictions=True)
-    print(f"{args.checkpoint}: test accuracy {100 * result['test_acc']:.2f}% (test loss {result['test_loss']:.4f})")
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.device, log=say, predictions=True)
+    print(f"{display_name(args.checkpoint)}: test accuracy {100 * result['test_acc']:.2f}% "
+          f"(test loss {result['test_loss']:.4f})")
     summary = summarize(result["labels"], result["probabilities"])
     print(per_class_table(summary))
     if args.report:
         summary = {"checkpoint": str(args.checkpoint), "test_loss": result["test_loss"], **summary}
         written = write_report(args.report, summary, result["images"])
-        print(f"report: {', '.join(str(p) for p in written)}")
+        print(f"report: {', '.join(display_name(p) for p in written)}")
     return 0
 
 
@@ -164,15 +166,26 @@ def cmd_predict(args) -> int:
     from fastmnist.predict import predict_files  # see the imports at the top
 
     results = predict_files(args.checkpoint, args.images, device=args.device)
+    # A file's name is the user's: shown escaped (display_name), so that no name can print a second,
+    # fake result line or stop the output; --json carries it without loss (json_name).
+    for r in results:
+        if "warning" in r:
+            print(f"fastmnist: warning: {display_name(r['file'])}: {r['warning']}", file=sys.stderr)
     if args.json:
+        results = [{**json_name(r["file"]), **{k: v for k, v in r.items() if k != "file"}} for r in results]
         print(json.dumps(results, indent=2, allow_nan=False))  # predict_files never gives NaN: valid JSON
     else:
         for r in results:
             if "error" in r:
-                print(f"{r['file']}: error: {r['error']}")
+                print(f"{display_name(r['file'])}: error: {r['error']}")
             else:
-                print(f"{r['file']}: {r['digit']} (p={r['probability']:.3f})")
+                print(f"{display_name(r['file'])}: {r['digit']} (p={r['probability']:.3f})")
     return 0 if all("error" not in r for r in results) else 1
+
+
+def say(line: str) -> None:
+    """print for a line that may hold a user's name (a run folder, a data folder): one printable line."""
+    print(display_text(line))
 
 
 def main(argv=None) -> int:
@@ -181,6 +194,9 @@ def main(argv=None) -> int:
     # usual handling back at once, with a signal held meanwhile delivered then.
     STOP.install()
     held = True
+    for stream in (sys.stdout, sys.stderr):  # a name the terminal's encoding cannot show is escaped, never fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
         handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
@@ -192,15 +208,15 @@ def main(argv=None) -> int:
                     signal.raise_signal(getattr(signal, pending))
             return handler(args)
         except TrainingStopped as exc:
-            print(f"\nfastmnist: {exc}", file=sys.stderr)
+            print(f"\nfastmnist: {display_text(str(exc))}", file=sys.stderr)
             return 130
         except NonFiniteLoss as exc:
-            print(f"fastmnist: error: {exc}", file=sys.stderr)
+            print(f"fastmnist: error: {display_text(str(exc))}", file=sys.stderr)
             return 1
         except USER_ERRORS as exc:
             if args.debug:
                 traceback.print_exc()
-            print(f"fastmnist: error: {one_line(exc)}", file=sys.stderr)
+            print(f"fastmnist: error: {display_text(one_line(exc))}", file=sys.stderr)
             return 2
     finally:
         if held:

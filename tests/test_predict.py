@@ -1,11 +1,13 @@
 """predict: real MNIST digits turned into "user photos" must come back as MNIST digits."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from conftest import run_cli
 from fastmnist.predict import ImageError, load_digit, predict_files
@@ -331,10 +333,10 @@ def test_any_failure_of_one_file_leaves_the_others_their_answers(untrained_model
     good, doomed = save_gray(seven(), tmp_path / "good.png"), save_gray(seven(), tmp_path / "doomed.png")
     original = predict.load_digit
 
-    def flaky(path):
-        if path == doomed:
+    def flaky(path, notes=None):
+        if Path(path) == Path(doomed):
             raise MemoryError("the decoder ran out of memory")
-        return original(path)
+        return original(path, notes)
 
     monkeypatch.setattr(predict, "load_digit", flaky)
     results = predict_files(untrained_model, [doomed, good], device="cpu")
@@ -371,3 +373,43 @@ def test_non_finite_output_is_an_error_never_a_nan_probability(untrained_model, 
     results = predict_files(untrained_model, [save_gray(seven(), tmp_path / "seven.png")], device="cpu")
     assert "not finite" in results[0]["error"] and "probability" not in results[0]
     json.dumps(results, allow_nan=False)  # valid JSON
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from /proc/self/status (Linux)")
+def test_a_40_megapixel_image_costs_at_most_its_decoded_size(tmp_path):
+    """The README's bound: an image at MAX_PIXELS adds about 4 bytes a pixel (160 MB) to predict's memory.
+
+    Measured as the peak resident memory while decoding each, less the resident memory before, in one
+    process that has already classified a small image. On 61107d9 the sideways JPEG added ~300 MB (a full-size
+    RGB copy to turn it, another to grey it) and the RGBA PNG ~480 MB (full-size copies to composite).
+    """
+    from fastmnist.predict import MAX_PIXELS
+
+    width = 7300
+    height = MAX_PIXELS // width
+    photo = Image.new("RGB", (width, height), (250, 250, 240))
+    ImageDraw.Draw(photo).line([(width // 2, 500), (width // 2, height - 500)], fill=(10, 10, 60), width=300)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # taken sideways: turned upright before classifying
+    photo.save(tmp_path / "sideways.jpg", quality=80, exif=exif.tobytes())
+    drawing = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    ImageDraw.Draw(drawing).line([(width // 2, 500), (width // 2, height - 500)], fill=(0, 0, 0, 255), width=300)
+    drawing.save(tmp_path / "drawing.png")
+    del photo, drawing
+    save_gray(seven(), tmp_path / "small.png")
+    # Linux: writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current resident size.
+    code = ("import sys\nfrom fastmnist.predict import load_digit\n"
+            "def kb(key):\n"
+            "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':'))\n"
+            "load_digit(sys.argv[1])\n"
+            "for path in sys.argv[2:]:\n"
+            "    open('/proc/self/clear_refs', 'w').write('5')\n"
+            "    before = kb('VmRSS')\n"
+            "    load_digit(path)\n"
+            "    print((kb('VmHWM') - before) // 1024)\n")
+    paths = [str(tmp_path / n) for n in ("small.png", "sideways.jpg", "drawing.png")]
+    result = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth_mb = [int(x) for x in result.stdout.split()]
+    # One RGBA decode (4 bytes a pixel, 152.6 MiB), the decoder's buffers and strips of a few MB: no full-size copy.
+    assert max(growth_mb) <= 1.5 * 4 * MAX_PIXELS / 2**20, growth_mb
