@@ -379,11 +379,18 @@ def explain(stage, text):
     own = [l for l in lines if re.match(rf"({re.escape(stage)}|small-shapes|fused-built|preflight|bench|train)\b.*:", l)]
     if stage == "build":
         err = [l for l in lines if re.search(r"\berror\b|Error:", l) and "warning" not in l]
-        if err:
+        if err and "interrupted by user" not in err[0]:
             return "first compiler/build error: " + err[0].strip()[:300]
+        steps = [l for l in lines if re.match(r"\[\d+/\d+\]", l)]
+        if steps:  # stopped while compiling (ninja prints a step when it finishes): how far it got
+            done, total = steps[-1].split()[0].strip("[]").split("/")
+            src = re.search(r"-c (\S+\.(?:cpp|cu))", steps[-1])
+            return (f"{done} of {total} build steps finished, the last {src.group(1) if src else steps[-1][:120]}"
+                    " (raise the build's limit in gpu_check.sh, or MAX_JOBS)")
     if stage == "tests":
         failed = [l for l in lines if l.startswith(("FAILED ", "ERROR "))]
-        diff = [l.strip() for l in lines if "Greatest" in l or "fused error" in l or "Mismatched elements" in l]
+        diff = [l.strip().lstrip("E").strip() for l in lines if not l.startswith(("FAILED ", "ERROR "))
+                and ("Greatest" in l or "fused error" in l)]
         if failed:
             more = f" (+{len(failed) - 2} more)" if len(failed) > 2 else ""
             return " | ".join(f[:200] for f in failed[:2]) + more + (f" | first difference: {diff[0][:160]}" if diff else "")
@@ -392,9 +399,12 @@ def explain(stage, text):
     if stage in ("memcheck", "racecheck"):
         first = next((i for i, l in enumerate(lines) if re.match(r"=+ (Invalid|Error|Race|Warning|Program hit)", l)), None)
         if first is not None:
-            where = next((l for l in lines[first:first + 6] if re.search(r"\.(cu|cuh|h|cpp):\d+", l)), "")
-            return f"first report: {lines[first].strip('= ')[:160]}" + (f" | {where.strip('= ')[:200]}" if where
-                                                                          else " | no source line (build without -lineinfo?)")
+            head = lines[first].strip("= ")
+            if re.search(r"\.(cu|cuh|h|cpp):\d+", head):
+                return f"first report: {head[:360]}"
+            where = next((l for l in lines[first + 1:first + 6] if re.search(r"\.(cu|cuh|h|cpp):\d+", l)), "")
+            return f"first report: {head[:160]}" + (f" | {where.strip('= ')[:200]}" if where
+                                                    else " | no source line (build without -lineinfo?)")
     if own:
         return own[-1][:300]
     return (lines[-1][:300] if lines else "no output")

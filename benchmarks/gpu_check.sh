@@ -45,7 +45,9 @@ sanitizer=/usr/local/cuda/bin/compute-sanitizer
 [ -x "$sanitizer" ] || sanitizer=$(command -v compute-sanitizer || echo "compute-sanitizer")
 
 record() {  # record NAME STATUS SECONDS NOTE
-  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(echo "$4" | tr '\t\n' '  ' | cut -c1-400)" >> "$out/stages.tsv"
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$(echo "$4" | tr '\t\n' '  ' | sed 's/ *$//' | cut -c1-400)" \
+    >> "$out/stages.tsv"
+  echo "$1: $2${4:+ ($4)}"
 }
 
 # The stage's time limit: CAP, or what is left of the total; 0 when under 15 s are left.
@@ -76,7 +78,6 @@ run_stage() {
     record "$name" FAIL "$((SECONDS - t0))" "exit code $rc: $why"
   fi
   rm -f "$part"
-  grep "^$name	" "$out/stages.tsv" | tail -1
   return $rc
 }
 
@@ -158,7 +159,6 @@ sanitize() {
   fi
   rm -f "$part"
   record "$tool" "$status" "$((SECONDS - t0))" "$note"
-  grep "^$tool	" "$out/stages.tsv" | tail -1
 }
 sanitize memcheck
 sanitize racecheck
