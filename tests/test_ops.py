@@ -150,36 +150,26 @@ def needs_two_values(shape, training):
 GRAD_NAMES = ["x", "weight", "bias", "bn_weight", "bn_bias"]
 
 
+# float64: the fused op is the stock layers' function to ~1e-10. float32: fixed tolerances at these small
+# sizes (at the network's full sizes the stock layers' own rounding exceeds them, and
+# test_float32_error_at_most_twice_stock judges).
+TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_float64_matches_stock_layers(shape, training, scale, device):
-    """In float64 the fused op is the stock layers' function to ~1e-10: y, the five gradients, every buffer."""
+def test_matches_stock_layers(shape, training, scale, dtype, device):
+    """y, the five gradients and every buffer, with and without a channel scale (a Dropout2d mask)."""
     needs_two_values(shape, training)
-    (y_s, g_s, bn_s), (y_f, g_f, bn_f) = run_both(shape, device, torch.float64, training, scale=scale)
+    (y_s, g_s, bn_s), (y_f, g_f, bn_f) = run_both(shape, device, dtype, training, scale=scale)
     assert y_f.shape == y_s.shape
-    tol = dict(rtol=1e-10, atol=1e-12)
+    tol = TOLERANCES[dtype]
     assert_close(y_f, y_s, **tol)
     for name, a, b in zip(GRAD_NAMES, g_f, g_s):
         # A gradient is a sum over the batch's pixels: its rounding scales with its largest entry.
-        assert_close(a, b, **dict(tol, atol=tol["atol"] * max(1.0, b.abs().max().item())),
-                     msg=lambda m: f"grad of {name}: {m}")
-    for buf in ["running_mean", "running_var", "num_batches_tracked"]:
-        assert_close(getattr(bn_f, buf), getattr(bn_s, buf), **tol, msg=lambda m: f"{buf}: {m}")
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_float32_matches_stock_layers(shape, training, device):
-    """Fixed float32 tolerances at small sizes (at the network's full sizes the stock layers' own
-    rounding exceeds them, and test_float32_error_at_most_twice_stock judges)."""
-    needs_two_values(shape, training)
-    (y_s, g_s, bn_s), (y_f, g_f, bn_f) = run_both(shape, device, torch.float32, training)
-    tol = dict(rtol=1e-4, atol=1e-5)
-    assert_close(y_f, y_s, **tol)
-    for name, a, b in zip(GRAD_NAMES, g_f, g_s):
         assert_close(a, b, **dict(tol, atol=tol["atol"] * max(1.0, b.abs().max().item())),
                      msg=lambda m: f"grad of {name}: {m}")
     for buf in ["running_mean", "running_var", "num_batches_tracked"]:
@@ -273,21 +263,6 @@ def test_opcheck(kernel, pad, device):
     bargs = (torch.randn_like(y), x.detach(), conv.weight.detach(), r, bn.weight.detach(), mean, var, True, 1e-5, pad,
              True)
     torch.library.opcheck(torch.ops.fastmnist.conv_relu_bn_backward.default, bargs)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape", [(4, 1, 16, 14, 13, 3, 0), (3, 16, 24, 9, 9, 3, 0), (2, 5, 7, 5, 8, 3, 1)], ids=str)
-def test_channel_scale_matches_stock_times_mask(shape, training, dtype, device):
-    """channel_scale (a Dropout2d mask, some channels 0) scales y; the gradients are those of y * mask."""
-    (y_s, g_s, bn_s), (y_f, g_f, bn_f) = run_both(shape, device, dtype, training, scale=True)
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
-    assert_close(y_f, y_s, **tol)
-    for name, a, b in zip(GRAD_NAMES, g_f, g_s):
-        assert_close(a, b, **tol, msg=lambda m: f"grad of {name}: {m}")
-    assert_close(bn_f.running_mean, bn_s.running_mean, **tol)
-    assert_close(bn_f.running_var, bn_s.running_var, **tol)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -442,7 +417,7 @@ def test_conv_path_names_why_the_tiles_do_not_apply():
 
 
 def test_rectangular_kernels_with_per_dimension_padding_run_on_the_tiles():
-    """The shapes test_float64/float32_matches_stock_layers check run where they are meant to."""
+    """The rectangular shapes test_matches_stock_layers checks run where they are meant to."""
     isa = tile_isa()
     if isa is None:
         pytest.skip("no tile ISA in this process (ATEN_CPU_CAPABILITY=default or no AVX2)")
@@ -616,7 +591,7 @@ def test_pool_matches_stock_layers(shape, dtype):
     (x, weight, bias), kw = pool_inputs(shape, dtype)
     y_s, y_f = pool_stock(x, weight, bias, **kw), ops.conv_relu_pool(x, weight, bias, **kw)
     gy = torch.randn(y_s.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    tol = TOLERANCES[dtype]
     assert_close(y_f, y_s, **tol)
     for name, a, b in zip(["x", "weight", "bias"], torch.autograd.grad(y_f, [x, weight, bias], gy),
                           torch.autograd.grad(y_s, [x, weight, bias], gy)):
