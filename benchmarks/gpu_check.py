@@ -387,6 +387,11 @@ def explain(stage, text):
             src = re.search(r"-c (\S+\.(?:cpp|cu))", steps[-1])
             return (f"{done} of {total} build steps finished, the last {src.group(1) if src else steps[-1][:120]}"
                     " (raise the build's limit in gpu_check.sh, or MAX_JOBS)")
+        config = next((l for l in lines if l.startswith("fastmnist build:")), None)
+        if config:  # setup.py ran, but no compile step finished
+            n = config.count(".cpp'") + config.count(".cu'")
+            return (f"none of the {n} sources finished compiling within the limit ({config.split('|')[0].split(':')[1].strip()}, "
+                    f"MAX_JOBS={os.environ.get('MAX_JOBS', '?')}); raise the build's limit in gpu_check.sh")
     if stage == "tests":
         failed = [l for l in lines if l.startswith(("FAILED ", "ERROR "))]
         diff = [l.strip().lstrip("E").strip() for l in lines if not l.startswith(("FAILED ", "ERROR "))
