@@ -1,14 +1,16 @@
 """Build fastmnist and its fused-operator extension, fastmnist._C.
 
-One extension in the manner of pytorch/extension-cpp: csrc/*.cpp and
-csrc/cpu/*.cpp always, csrc/cuda/*.cu when CUDA is on. CUDA is decided from
+One extension in the manner of pytorch/extension-cpp: csrc/*.cpp (schemas,
+autograd), csrc/cpu/*.cpp (the CPU ops) and csrc/cpu/engine/*.cpp (the CPU
+convolution engine) always, csrc/cuda/*.cu when CUDA is on. CUDA is decided from
 the toolkit and torch.version.cuda, never from torch.cuda.is_available(), so a
 GPU-less machine still compiles and links the CUDA sources.
 
 Environment switches:
   FASTMNIST_CPU_ONLY=1   build the CPU kernels only
   FORCE_CUDA=1           fail unless the CUDA kernels are built
-  DEBUG=1                -O0 -g instead of -O3
+  DEBUG=1                -O0 -g instead of -O3 (and -lineinfo for nvcc)
+  LINEINFO=1             -lineinfo for nvcc at -O3: compute-sanitizer reports then name source lines
   CUDA_HOME / CUDA_PATH  the CUDA toolkit (else found from nvcc, else /usr/local/cuda)
   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0" when no GPU is visible)
 
@@ -91,11 +93,13 @@ def build_config():
 
 def make_extension(use_cuda, cuda_home):
     debug = _flag("DEBUG")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "engine", "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    # No -march: the same wheel must run on any x86-64 CPU. The AVX2/FMA tiles
-    # (csrc/cpu/conv_tiles_avx2.h) carry their own target attributes and are
-    # chosen at run time; the im2col fallback for other CPUs calls torch's BLAS.
+    # No -march: the same wheel must run on any x86-64 CPU. The tiles' AVX2 and
+    # AVX-512 builds (csrc/cpu/engine/conv_tiles_avx2.cpp, conv_tiles_avx512.cpp)
+    # carry their own `#pragma GCC target` and are chosen at run time
+    # (conv_tiles.cpp); the im2col fallback for other CPUs calls torch's BLAS.
     # -fno-trapping-math lets the compiler turn the ReLU masks (r > 0 ? g : 0)
     # into vector selects instead of branches (30x on the backward's dz pass);
     # it changes no result, only whether FP exceptions may be raised speculatively.
@@ -105,7 +109,7 @@ def make_extension(use_cuda, cuda_home):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"])
+        extra["nvcc"] = ["-O0", "-g", "-lineinfo"] if debug else ["-O3"] + (["-lineinfo"] if _flag("LINEINFO") else [])
         ext_cls = cpp_ext.CUDAExtension
     else:
         ext_cls = cpp_ext.CppExtension
@@ -114,7 +118,7 @@ def make_extension(use_cuda, cuda_home):
         f"{'CUDA + CPU' if use_cuda else 'CPU only'} | torch {torch.__version__} "
         f"(cuda {torch.version.cuda}) | CUDA_HOME={cuda_home} | "
         f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')} | "
-        f"debug={debug} | sources={sources}",
+        f"debug={debug} | lineinfo={debug or _flag('LINEINFO')} | sources={sources}",
         flush=True,
     )
     return ext_cls(
@@ -130,14 +134,14 @@ def make_extension(use_cuda, cuda_home):
     )
 
 
-def write_build_info(folders, use_cuda):
-    """fastmnist/_build_info.py (git-ignored): the torch this _C is built against."""
+def write_build_info(folders):
+    """fastmnist/_build_info.py (git-ignored): the torch this _C is built against (its version names
+    the CUDA flavour too, e.g. 2.14.1+cu130). Which devices have kernels is asked of the dispatcher
+    (fastmnist.ops.fused_supports), not recorded here."""
     text = (
         '"""Written by setup.py when it built fastmnist._C; not in git. fastmnist.ops compares it with\n'
         'the running torch: a compiled extension is valid only with the torch it was built against."""\n'
         f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"TORCH_CUDA = {torch.version.cuda!r}\n"
-        f"WITH_CUDA_KERNELS = {use_cuda!r}\n"
     )
     for folder in folders:
         os.makedirs(folder, exist_ok=True)
@@ -149,7 +153,7 @@ def torch_requirement():
     """The torch release this build's extension needs: the one it is built against.
 
     A public-version pin (==2.14.1) also matches local builds (2.14.1+cu130);
-    the CUDA flavour is checked at import time against _build_info.py."""
+    the full version, flavour included, is checked at import time against _build_info.py."""
     return f"torch=={torch.__version__.split('+')[0]}"
 
 
@@ -171,7 +175,7 @@ class BuildExtension(cpp_ext.BuildExtension):
     def run(self):
         super().run()
         build_dir = os.path.dirname(self.get_ext_fullpath("fastmnist._C"))
-        write_build_info({build_dir, os.path.join(HERE, "fastmnist")}, use_cuda)
+        write_build_info({build_dir, os.path.join(HERE, "fastmnist")})
 
 
 setup(

@@ -28,20 +28,20 @@ class ConvReluBn : public torch::autograd::Function<ConvReluBn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
                                const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& running_mean,
-                               const Tensor& running_var, bool training, double eps, int64_t padding,
+                               const Tensor& running_var, bool training, double eps, c10::IntArrayRef padding,
                                const std::optional<Tensor>& channel_scale) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastmnist::conv_relu_bn", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const Tensor&, bool, double, int64_t, const std::optional<Tensor>&)>();
+                             const Tensor&, bool, double, c10::IntArrayRef, const std::optional<Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, relu_out, mean, var] = op.call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
                                             eps, padding, channel_scale);
     ctx->save_for_backward({x, weight, relu_out, bn_weight, mean, var, channel_scale.value_or(Tensor())});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["padding"] = padding.vec();
     ctx->mark_non_differentiable({relu_out, mean, var});
     ctx->set_materialize_grads(false);
     return {y, relu_out, mean, var};
@@ -54,13 +54,13 @@ class ConvReluBn : public torch::autograd::Function<ConvReluBn> {
                          .findSchemaOrThrow("fastmnist::conv_relu_bn_backward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const Tensor&, bool, double, int64_t, bool, const std::optional<Tensor>&)>();
+                             const Tensor&, bool, double, c10::IntArrayRef, bool, const std::optional<Tensor>&)>();
     const variable_list s = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0);
     const std::optional<Tensor> channel_scale = s[6].defined() ? std::optional<Tensor>(s[6]) : std::nullopt;
     auto [gx, gw, gb, gbw, gbb] =
         op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["training"].toBool(),
-                ctx->saved_data["eps"].toDouble(), ctx->saved_data["padding"].toInt(), need_x, channel_scale);
+                ctx->saved_data["eps"].toDouble(), ctx->saved_data["padding"].toIntVector(), need_x, channel_scale);
     // channel_scale is a constant (a dropout mask): no gradient flows to it.
     none[0] = need_x ? gx : Tensor();
     none[1] = gw, none[2] = gb, none[3] = gbw, none[4] = gbb;
@@ -72,16 +72,16 @@ class ConvReluBn : public torch::autograd::Function<ConvReluBn> {
 class ConvReluPool : public torch::autograd::Function<ConvReluPool> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
-                               bool relu, int64_t padding, int64_t pool) {
+                               bool relu, c10::IntArrayRef padding, int64_t pool) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastmnist::conv_relu_pool", "")
-                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, int64_t,
-                                                           int64_t)>();
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool,
+                                                           c10::IntArrayRef, int64_t)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, relu_out] = op.call(x, weight, bias, relu, padding, pool);
     ctx->save_for_backward({x, weight, relu_out});
     ctx->saved_data["relu"] = relu;
-    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["pool"] = pool;
     ctx->mark_non_differentiable({relu_out});
     ctx->set_materialize_grads(false);
@@ -94,11 +94,11 @@ class ConvReluPool : public torch::autograd::Function<ConvReluPool> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastmnist::conv_relu_pool_backward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&, bool, int64_t, int64_t, bool)>();
+                                                                   const Tensor&, bool, c10::IntArrayRef, int64_t, bool)>();
     const variable_list s = ctx->get_saved_variables();
     const bool need_x = ctx->needs_input_grad(0);
     auto [gx, gw, gb] = op.call(grads[0], s[0], s[1], s[2], ctx->saved_data["relu"].toBool(),
-                                ctx->saved_data["padding"].toInt(), ctx->saved_data["pool"].toInt(), need_x);
+                                ctx->saved_data["padding"].toIntVector(), ctx->saved_data["pool"].toInt(), need_x);
     none[0] = need_x ? gx : Tensor();
     none[1] = gw, none[2] = gb;
     return none;
@@ -107,7 +107,7 @@ class ConvReluPool : public torch::autograd::Function<ConvReluPool> {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_relu_bn_autograd(
     const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& bn_weight, const Tensor& bn_bias,
-    const Tensor& running_mean, const Tensor& running_var, bool training, double eps, int64_t padding,
+    const Tensor& running_mean, const Tensor& running_var, bool training, double eps, c10::IntArrayRef padding,
     const std::optional<Tensor>& channel_scale) {
   auto out = ConvReluBn::apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding,
                                channel_scale);
@@ -115,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_relu_bn_autograd(
 }
 
 std::tuple<Tensor, Tensor> conv_relu_pool_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                                   bool relu, int64_t padding, int64_t pool) {
+                                                   bool relu, c10::IntArrayRef padding, int64_t pool) {
   auto out = ConvReluPool::apply(x, weight, bias, relu, padding, pool);
   return {out[0], out[1]};
 }

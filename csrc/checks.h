@@ -9,12 +9,13 @@
 
 namespace fastmnist {
 
-// A stride-1 convolution of x (N, Cin, H, W) with weight (Cout, Cin, KH, KW) and zero padding.
+// A stride-1 convolution of x (N, Cin, H, W) with weight (Cout, Cin, KH, KW) and zero padding of
+// pad_h rows above and below and pad_w columns left and right (nn.Conv2d's padding=(pad_h, pad_w)).
 struct ConvGeometry {
-  int64_t n, cin, h, w, cout, kh, kw, pad, hout, wout;
+  int64_t n, cin, h, w, cout, kh, kw, pad_h, pad_w, hout, wout;
   int64_t pixels() const { return hout * wout; }  // output pixels per image
   int64_t patch() const { return kh * kw * cin; }  // K of the GEMM
-  bool is_pointwise() const { return kh == 1 && kw == 1 && pad == 0; }
+  bool is_pointwise() const { return kh == 1 && kw == 1 && pad_h == 0 && pad_w == 0; }
 };
 
 inline void check_same(const char* op, const at::Tensor& t, const at::Tensor& x, const char* name) {
@@ -42,8 +43,9 @@ inline const at::Tensor* check_channel_scale(const char* op, const std::optional
   return &t;
 }
 
+// padding is the schema's int[2]: (rows, columns), as nn.Conv2d's padding.
 inline ConvGeometry check_conv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                                      int64_t padding) {
+                                      at::IntArrayRef padding) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
               ": x must be float32 or float64, got ", x.scalar_type());
@@ -54,11 +56,16 @@ inline ConvGeometry check_conv_inputs(const char* op, const at::Tensor& x, const
   TORCH_CHECK(weight.size(0) >= 1 && weight.size(2) >= 1 && weight.size(3) >= 1, op,
               ": weight must have at least one output channel and a kernel of at least 1x1, got shape ",
               weight.sizes());
-  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  // An empty input (no channels, or no rows or columns) would reach a division by its size (the CUDA
+  // launch shape) or an empty grid; the stock layers refuse most of these too.
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op,
+              ": x must have at least one channel, row and column, got shape ", x.sizes());
+  TORCH_CHECK(padding.size() == 2, op, ": padding must be (rows, columns), got ", padding);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
   ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
-                 weight.size(3), padding, 0, 0};
-  g.hout = g.h + 2 * padding - g.kh + 1;
-  g.wout = g.w + 2 * padding - g.kw + 1;
+                 weight.size(3), padding[0], padding[1], 0, 0};
+  g.hout = g.h + 2 * g.pad_h - g.kh + 1;
+  g.wout = g.w + 2 * g.pad_w - g.kw + 1;
   TORCH_CHECK(g.n >= 1, op, ": batch size must be >= 1, got shape ", x.sizes());
   TORCH_CHECK(g.hout >= 1 && g.wout >= 1, op, ": input ", x.sizes(), " with padding ", padding,
               " is smaller than the kernel ", weight.sizes());
@@ -82,7 +89,7 @@ struct ConvReluBnArgs {
 inline ConvReluBnArgs check_conv_relu_bn_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                               const at::Tensor& bias, const at::Tensor& bn_weight,
                                               const at::Tensor& bn_bias, const at::Tensor& running_mean,
-                                              const at::Tensor& running_var, bool training, int64_t padding,
+                                              const at::Tensor& running_var, bool training, at::IntArrayRef padding,
                                               const std::optional<at::Tensor>& channel_scale) {
   const ConvGeometry g = check_conv_inputs(op, x, weight, padding);
   const at::Tensor* scale = check_channel_scale(op, channel_scale, x, g.n, g.cout);
@@ -100,7 +107,7 @@ inline ConvReluBnArgs check_conv_relu_bn_args(const char* op, const at::Tensor& 
 inline ConvReluBnArgs check_conv_relu_bn_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                                                        const at::Tensor& weight, const at::Tensor& relu_out,
                                                        const at::Tensor& bn_weight, const at::Tensor& mean,
-                                                       const at::Tensor& var, int64_t padding,
+                                                       const at::Tensor& var, at::IntArrayRef padding,
                                                        const std::optional<at::Tensor>& channel_scale) {
   const ConvGeometry g = check_conv_inputs(op, x, weight, padding);
   const at::Tensor* scale = check_channel_scale(op, channel_scale, x, g.n, g.cout);

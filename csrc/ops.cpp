@@ -17,6 +17,7 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastmnist, m) {
   // y = BatchNorm2d(ReLU(Conv2d(x, weight, bias, stride=1, padding)))
+  // padding is (rows, columns), as nn.Conv2d's; a single int means both (int[2]).
   // Returns (y, relu_out, mean, var). relu_out, mean and var are what the
   // backward needs: in training, mean and var are the batch statistics (var is
   // the biased variance, the one BN normalises with); in eval they are copies
@@ -30,7 +31,7 @@ TORCH_LIBRARY(fastmnist, m) {
   m.def(
       "conv_relu_bn(Tensor x, Tensor weight, Tensor bias, Tensor bn_weight, "
       "Tensor bn_bias, Tensor running_mean, Tensor running_var, "
-      "bool training, float eps, int padding, Tensor? channel_scale=None) "
+      "bool training, float eps, int[2] padding, Tensor? channel_scale=None) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // Gradients of conv_relu_bn's y with respect to (x, weight, bias, bn_weight,
   // bn_bias). grad_x is an empty tensor when compute_grad_x is false (the
@@ -38,7 +39,7 @@ TORCH_LIBRARY(fastmnist, m) {
   m.def(
       "conv_relu_bn_backward(Tensor grad_y, Tensor x, Tensor weight, "
       "Tensor relu_out, Tensor bn_weight, Tensor mean, Tensor var, "
-      "bool training, float eps, int padding, bool compute_grad_x, "
+      "bool training, float eps, int[2] padding, bool compute_grad_x, "
       "Tensor? channel_scale=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The path the kernels take for a convolution of x with weight: on the
@@ -53,12 +54,12 @@ TORCH_LIBRARY(fastmnist, m) {
   // mask needs (an empty tensor without ReLU). Pooling is floor-mode with
   // stride = pool, as nn.AvgPool2d(pool).
   m.def(
-      "conv_relu_pool(Tensor x, Tensor weight, Tensor bias, bool relu, int padding, int pool) "
+      "conv_relu_pool(Tensor x, Tensor weight, Tensor bias, bool relu, int[2] padding, int pool) "
       "-> (Tensor, Tensor)");
   // Gradients of conv_relu_pool's out with respect to (x, weight, bias);
   // grad_x is an empty tensor when compute_grad_x is false.
   m.def(
       "conv_relu_pool_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor relu_out, bool relu, "
-      "int padding, int pool, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
-  m.def("conv_path(Tensor x, Tensor weight, int padding, bool compute_grad_x) -> str");
+      "int[2] padding, int pool, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
+  m.def("conv_path(Tensor x, Tensor weight, int[2] padding, bool compute_grad_x) -> str");
 }

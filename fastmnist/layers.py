@@ -35,6 +35,24 @@ def resolve_impl(impl, device=None) -> str:
     return impl
 
 
+def fused_padding(conv: nn.Conv2d):
+    """The (rows, columns) padding the fused ops take for conv's own padding, or a ValueError.
+
+    nn.Conv2d keeps padding as a pair or as 'valid' / 'same'; the ops pad each side of a dimension
+    alike, which 'same' does only for odd kernels (for an even one it pads one side more).
+    """
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        kh, kw = conv.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"padding='same' with the even kernel {conv.kernel_size} pads one side more than the "
+                             "other, which the fused op cannot; use an odd kernel, an explicit padding, or "
+                             "impl='stock'")
+        return ((kh - 1) // 2, (kw - 1) // 2)
+    return ops.padding_pair(conv.padding)
+
+
 class ConvReLUBN(nn.Module):
     """dropout2d(bn(relu(conv(x)))) with stride 1; dropout (default 0) is Dropout2d's p.
 
@@ -57,6 +75,7 @@ class ConvReLUBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device)
         self.dropout = dropout
         self.impl = resolve_impl(impl, device)
+        self.fused_padding = fused_padding(self.conv) if self.impl == "fused" else None
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}, impl={self.impl!r}"
@@ -84,7 +103,7 @@ class ConvReLUBN(nn.Module):
             use_batch_stats,
             momentum,
             bn.eps,
-            self.conv.padding[0],
+            self.fused_padding,
             ops.dropout2d_scale(x, self.conv.out_channels, self.dropout) if drop else None,
         )
 
@@ -94,20 +113,27 @@ class ConvPool(nn.Conv2d):
 
     A stock nn.Conv2d itself (weight, bias, state_dict keys), so BN folding and
     state dicts treat it as the convolution it is. The fused path is one
-    fastmnist::conv_relu_pool call; on a device whose build has no kernel for
-    that op (CUDA, so far) the stock layers run, as they do for impl="stock".
+    fastmnist::conv_relu_pool call. That op has kernels on fewer devices than
+    conv_relu_bn (the CPU only, so far), and a model may be built on one device
+    and moved to another (training builds on the CPU for the same initial
+    weights everywhere): so the device types this module runs fused on are
+    decided once, here, from resolve_impl's answer and the build's kernels
+    (fused_devices); elsewhere the stock layers run, as for impl="stock".
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, pool, relu=True, padding=0, impl=None, device=None):
         super().__init__(in_channels, out_channels, kernel_size, padding=padding, device=device)
         self.pool, self.relu = pool, relu
         self.impl = resolve_impl(impl, device)
+        self.fused_devices = ops.CONV_RELU_POOL_DEVICES if self.impl == "fused" else frozenset()
+        self.fused_padding = fused_padding(self) if self.fused_devices else None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, pool={self.pool}, relu={self.relu}, impl={self.impl!r}"
+        fused_on = f", fused on {sorted(self.fused_devices)}" if self.impl == "fused" else ""
+        return f"{super().extra_repr()}, pool={self.pool}, relu={self.relu}, impl={self.impl!r}{fused_on}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "fused" and x.device.type in ops.CONV_RELU_POOL_DEVICES:
-            return ops.conv_relu_pool(x, self.weight, self.bias, self.pool, self.relu, self.padding[0])
+        if x.device.type in self.fused_devices:
+            return ops.conv_relu_pool(x, self.weight, self.bias, self.pool, self.relu, self.fused_padding)
         z = super().forward(x)
         return F.avg_pool2d(torch.relu(z) if self.relu else z, self.pool)

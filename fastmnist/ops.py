@@ -6,13 +6,14 @@ module registers the fake tensors torch.compile needs, updates the BN running
 statistics, and ships the pure-PyTorch reference of the op.
 """
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 REBUILD = "pip install --no-build-isolation --no-deps --force-reinstall ."
+Padding = Union[int, Sequence[int]]  # nn.Conv2d's: one int for both dimensions, or (rows, columns)
 
 
 def _torch_mismatch() -> Optional[str]:
@@ -101,10 +102,12 @@ def conv_relu_bn(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    padding: int = 0,
+    padding: Padding = 0,
     channel_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """BatchNorm2d(ReLU(Conv2d(x))) with the fused kernels; differentiable.
+
+    padding is nn.Conv2d's (an int, or (rows, columns)); the stride is 1.
 
     In training, normalises with the batch statistics and updates running_mean
     and running_var in place (running_var with the unbiased batch variance),
@@ -118,7 +121,8 @@ def conv_relu_bn(
     if channel_scale is not None and channel_scale.requires_grad:
         raise ValueError("channel_scale must be a constant (a dropout mask); it gets no gradient. Pass it detached.")
     y, _, mean, var = torch.ops.fastmnist.conv_relu_bn(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding, channel_scale
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps, padding_pair(padding),
+        channel_scale
     )
     if training:
         update_running_stats(running_mean, running_var, mean, var, momentum, count=y.numel() // y.shape[1])
@@ -134,7 +138,21 @@ def _check_same_device(op: str, x: Tensor, **tensors: Optional[Tensor]) -> None:
                              "move the module and its input to one device (module.to(device))")
 
 
-def conv_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, pool: int, relu: bool = True, padding: int = 0) -> Tensor:
+def padding_pair(padding: Padding) -> Tuple[int, int]:
+    """(rows, columns) from nn.Conv2d's padding (an int or a pair of ints), refusing anything else.
+
+    The ops' schemas take int[2]; a string ('same', 'valid') is resolved by the module that owns the
+    convolution (fastmnist.layers.fused_padding), which knows the kernel."""
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        return (padding, padding)
+    if isinstance(padding, Sequence) and not isinstance(padding, str) and len(padding) == 2 \
+            and all(isinstance(p, int) and not isinstance(p, bool) for p in padding):
+        return (padding[0], padding[1])
+    raise ValueError(f"padding must be an int or (rows, columns), got {padding!r}")
+
+
+def conv_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, pool: int, relu: bool = True,
+                   padding: Padding = 0) -> Tensor:
     """AvgPool2d(pool)(ReLU(Conv2d(x))) (the ReLU only when relu) with the fused kernels; differentiable.
 
     The network's transition (1x1 conv, ReLU, AvgPool2d(2)) and head (1x1 conv,
@@ -142,11 +160,11 @@ def conv_relu_pool(x: Tensor, weight: Tensor, bias: Tensor, pool: int, relu: boo
     """
     require_fused()
     _check_same_device("conv_relu_pool", x, weight=weight, bias=bias)
-    out, _ = torch.ops.fastmnist.conv_relu_pool(x, weight, bias, relu, padding, pool)
+    out, _ = torch.ops.fastmnist.conv_relu_pool(x, weight, bias, relu, padding_pair(padding), pool)
     return out
 
 
-def conv_path(x: Tensor, weight: Tensor, padding: int = 0, compute_grad_x: bool = True) -> str:
+def conv_path(x: Tensor, weight: Tensor, padding: Padding = 0, compute_grad_x: bool = True) -> str:
     """Which kernel path the fused op takes for a convolution of x with weight.
 
     On the CPU: "avx2 tiles" or "avx512 tiles" (register-tiled loops; the ISA
@@ -155,15 +173,23 @@ def conv_path(x: Tensor, weight: Tensor, padding: int = 0, compute_grad_x: bool 
     padding named ("Cout 20 padded to 24"), or "im2col+BLAS: <why>".
     """
     require_fused()
-    return torch.ops.fastmnist.conv_path(x, weight, padding, compute_grad_x)
+    return torch.ops.fastmnist.conv_path(x, weight, padding_pair(padding), compute_grad_x)
+
+
+# The default network's second 3x3 block (fastmnist.model.LAYOUTS["default"]: 16 -> 24 channels on
+# its 26x26 map), as (x shape, weight shape): the block cpu_kernel_path names (tests/test_ops.py
+# checks that the default network has it).
+DEFAULT_NETWORK_BLOCK = ((1, 16, 26, 26), (24, 16, 3, 3))
 
 
 def cpu_kernel_path() -> Optional[str]:
-    """The CPU path of the network's 3x3 blocks in this process ("avx512 tiles", "avx2 tiles" or
-    "im2col+BLAS: <why>"), or None without the extension: what a benchmark or a log should name."""
+    """The CPU path of the default network's 3x3 blocks in this process (e.g. "avx512 tiles, Winograd
+    F(2x2,3x3) forward and input gradient", "avx2 tiles" or "im2col+BLAS: <why>"), or None without the
+    extension: what a benchmark or a log should name."""
     if not fused_supports("cpu"):
         return None
-    return conv_path(torch.zeros(1, 24, 24, 24), torch.zeros(32, 24, 3, 3))
+    x_shape, w_shape = DEFAULT_NETWORK_BLOCK
+    return conv_path(torch.zeros(x_shape), torch.zeros(w_shape))
 
 
 def dropout2d_scale(x: Tensor, channels: int, p: float) -> Tensor:
@@ -199,11 +225,11 @@ def reference_conv_relu_bn(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    padding: int = 0,
+    padding: Padding = 0,
     channel_scale: Optional[Tensor] = None,
 ) -> Tensor:
     """The op in stock PyTorch: the test oracle, same signature as conv_relu_bn."""
-    r = F.relu(F.conv2d(x, weight, bias, padding=padding))
+    r = F.relu(F.conv2d(x, weight, bias, padding=padding_pair(padding)))
     y = F.batch_norm(r, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return y if channel_scale is None else y * channel_scale[:, :, None, None]
 
@@ -212,10 +238,11 @@ def _channels_last_like(x: Tensor, shape) -> Tensor:
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
 
 
-def _out_shape(x: Tensor, weight: Tensor, padding: int) -> Tuple[int, int, int, int]:
+def _out_shape(x: Tensor, weight: Tensor, padding: Padding) -> Tuple[int, int, int, int]:
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    return (n, cout, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1)
+    ph, pw = padding_pair(padding)
+    return (n, cout, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
 
 
 def _register() -> None:

@@ -5,11 +5,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+from conftest import cpu_and_cuda
 from fastmnist import ops
-from fastmnist.layers import ConvReLUBN, resolve_impl
+from fastmnist.layers import ConvPool, ConvReLUBN, resolve_impl
 
 needs_fused = pytest.mark.skipif(not ops.fused_available(), reason=f"{ops.fused_unavailable_reason()}")
 
@@ -22,10 +24,22 @@ def test_holds_stock_modules_and_state_dict_keys():
     }
 
 
-def test_stock_is_bn_of_relu_of_conv():
-    layer = ConvReLUBN(3, 8, 3, padding=1, impl="stock")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_stock_is_bn_of_relu_of_conv(training):
+    """Against torch.nn.functional with the layer's parameters (not the layer's own modules): the
+    output and both running statistics."""
+    torch.manual_seed(0)
+    layer = ConvReLUBN(3, 8, 3, padding=1, impl="stock").train(training)
+    with torch.no_grad():
+        layer.bn.weight.uniform_(0.5, 1.5), layer.bn.bias.uniform_(-0.5, 0.5)
+        layer.bn.running_mean.uniform_(-0.2, 0.2), layer.bn.running_var.uniform_(0.5, 2.0)
+    rm, rv = layer.bn.running_mean.clone(), layer.bn.running_var.clone()
     x = torch.randn(2, 3, 6, 6)
-    assert_close(layer(x), layer.bn(torch.relu(layer.conv(x))))
+    expected = F.batch_norm(F.relu(F.conv2d(x, layer.conv.weight, layer.conv.bias, padding=1)), rm, rv,
+                            layer.bn.weight, layer.bn.bias, training, 0.1, 1e-5)
+    assert_close(layer(x), expected)
+    assert_close(layer.bn.running_mean, rm)
+    assert_close(layer.bn.running_var, rv)
 
 
 @needs_fused
@@ -98,10 +112,22 @@ def test_unknown_impl_is_refused():
         ConvReLUBN(1, 2, 3, impl="fast")
 
 
-@pytest.mark.skipif(ops.fused_available(), reason="only without the extension")
 def test_fused_without_extension_says_why():
-    with pytest.raises(RuntimeError, match="pip install"):
-        ConvReLUBN(1, 2, 3, impl="fused")
+    """A process where fastmnist._C fails to import (simulated with sys.modules, so it runs whether or not
+    the extension is built here): impl='fused' is refused with the reinstall command and the way out."""
+    code = (
+        "import sys\n"
+        "sys.modules['fastmnist._C'] = None  # import fastmnist._C raises ImportError\n"
+        "from fastmnist.layers import ConvReLUBN\n"
+        "try:\n"
+        "    ConvReLUBN(1, 2, 3, impl='fused')\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "fastmnist._C did not load" in run.stdout
+    assert "pip install --no-build-isolation" in run.stdout and "impl='stock'" in run.stdout
 
 
 @needs_fused
@@ -121,18 +147,19 @@ def test_fused_and_stock_layers_agree_over_steps(momentum):
 
 
 @needs_fused
-def test_fused_dropout_drops_the_channels_stock_dropout_drops():
-    """Same RNG state: the fused op's mask is Dropout2d's, so outputs and gradients agree."""
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_fused_dropout_drops_the_channels_stock_dropout_drops(device):
+    """Same RNG state (CPU or CUDA generator): the fused op's mask is Dropout2d's, so outputs and gradients agree."""
     torch.manual_seed(0)
-    stock = ConvReLUBN(4, 16, 3, dropout=0.3, impl="stock")
-    fused = ConvReLUBN(4, 16, 3, dropout=0.3, impl="fused")
+    stock = ConvReLUBN(4, 16, 3, dropout=0.3, impl="stock").to(device)
+    fused = ConvReLUBN(4, 16, 3, dropout=0.3, impl="fused").to(device)
     fused.load_state_dict(stock.state_dict())
-    x = torch.randn(8, 4, 9, 9)
+    x = torch.randn(8, 4, 9, 9, device=device)
     outs = []
     for layer in (stock, fused):
         torch.manual_seed(1)
         y = layer(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum().backward()
         outs.append((y, layer.conv.weight.grad, layer.bn.weight.grad))
     assert outs[0][0].eq(0).flatten(2).all(-1).any(), "some channels must be dropped"
     for a, b in zip(*outs):
@@ -144,3 +171,62 @@ def test_fused_dropout_drops_the_channels_stock_dropout_drops():
 def test_bad_dropout_is_refused():
     with pytest.raises(ValueError, match="dropout must be in"):
         ConvReLUBN(1, 2, 3, dropout=1.0, impl="stock")
+
+
+# Per-dimension padding: the fused modules give the stock layers' shape and values (the fused op once
+# used padding[0] for both dimensions: ConvReLUBN(16, 24, (3, 5), padding=(1, 2)) returned width 11).
+@needs_fused
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("kernel, padding, hw", [((3, 5), (1, 2), (14, 13)), ((5, 3), (2, 1), (10, 12)),
+                                                 ((1, 3), (0, 1), (9, 11)), (3, "same", (8, 7)), (3, "valid", (8, 7)),
+                                                 ((3, 5), "same", (9, 8))], ids=str)
+def test_conv_relu_bn_pads_each_dimension_as_stock(kernel, padding, hw, device):
+    torch.manual_seed(0)
+    stock = ConvReLUBN(16, 24, kernel, padding=padding, impl="stock").to(device)
+    fused = ConvReLUBN(16, 24, kernel, padding=padding, impl="fused").to(device)
+    fused.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 16, *hw, device=device)
+    for training in (True, False):
+        stock.train(training), fused.train(training)
+        y_s, y_f = stock(x), fused(x)
+        assert y_f.shape == y_s.shape
+        assert_close(y_f, y_s, rtol=1e-4, atol=1e-4)
+    assert_close(fused.bn.running_var, stock.bn.running_var, rtol=1e-4, atol=1e-5)
+
+
+@needs_fused
+@pytest.mark.parametrize("kernel, padding", [((1, 3), (0, 1)), ((3, 5), (1, 2)), (3, "same")], ids=str)
+def test_conv_pool_pads_each_dimension_as_stock(kernel, padding):
+    torch.manual_seed(0)
+    stock = ConvPool(8, 16, kernel, pool=2, padding=padding, impl="stock")
+    fused = ConvPool(8, 16, kernel, pool=2, padding=padding, impl="fused")
+    fused.load_state_dict(stock.state_dict())
+    x = torch.randn(2, 8, 10, 9)
+    assert fused(x).shape == stock(x).shape
+    assert_close(fused(x), stock(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_fused
+def test_same_padding_with_an_even_kernel_is_refused_for_fused():
+    """nn.Conv2d's 'same' pads an even kernel unevenly; the fused ops pad both sides alike, so they refuse it."""
+    with pytest.raises(ValueError, match=r"padding='same' with the even kernel \(3, 4\).*impl='stock'"):
+        ConvReLUBN(4, 8, (3, 4), padding="same", impl="fused")
+    with pytest.raises(ValueError, match="padding='same' with the even kernel"):
+        ConvPool(4, 8, 2, pool=2, padding="same", impl="fused")
+    assert ConvReLUBN(4, 8, (3, 4), padding="same", impl="stock")(torch.randn(2, 4, 6, 6)).shape == (2, 8, 6, 6)
+
+
+@needs_fused
+def test_conv_pool_decides_its_path_once(monkeypatch):
+    """The device types a ConvPool runs fused on are decided at construction (from resolve_impl's answer),
+    not again in forward: changing the module-level table afterwards changes nothing."""
+    calls = []
+    real = ops.conv_relu_pool
+    monkeypatch.setattr(ops, "conv_relu_pool", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused, stock = ConvPool(8, 16, 1, pool=2, impl="fused"), ConvPool(8, 16, 1, pool=2, impl="stock")
+    assert fused.fused_devices == ops.CONV_RELU_POOL_DEVICES and stock.fused_devices == frozenset()
+    assert "fused on ['cpu']" in repr(fused)
+    monkeypatch.setattr(ops, "CONV_RELU_POOL_DEVICES", frozenset())
+    x = torch.randn(2, 8, 6, 6)
+    fused(x), stock(x)
+    assert calls == [1]

@@ -1,20 +1,25 @@
 // CPU kernels of fastmnist::conv_relu_bn and its backward.
 //
 // Layout: everything runs in NHWC (channels_last). With k = (ky * KW + kx) * Cin + ci
-// indexing a pixel's 3x3 (or 1x1) patch and wmat[co, k] the weight in that order,
+// indexing a pixel's KH x KW patch and wmat[co, k] the weight in that order,
 //     z[p, co] = sum_k patch(p)[k] wmat[co, k] + bias[co].
 // Work is split over images. ConvProducts computes the convolution's three
 // products (forward, weight gradient, input gradient) for a chunk of images
-// (conv_products.h: register tiles per ISA, or im2col and torch's BLAS). The
+// (engine/conv_products.h: register tiles per ISA, or im2col and torch's BLAS). The
 // output values are finished while they are still in registers (tiles: the
 // TileEpilogue) or in cache (im2col: relu_epilogue): bias, ReLU and the
-// per-channel sums of the batch statistics. One more pass normalises.
+// per-channel sums of the batch statistics. One more pass normalises. BatchNorm's
+// per-channel arithmetic is csrc/bn_math.h's, shared with the CUDA kernels; the
+// backward's chunk loop is engine/conv_backward.h's, shared with conv_relu_pool.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../bn_math.h"
 #include "../checks.h"
-#include "conv_products.h"
+#include "../entry.h"
+#include "engine/conv_backward.h"
+#include "engine/conv_products.h"
 #include "dispatch_channels.h"
 #include "relu.h"
 
@@ -149,9 +154,9 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
     const scalar_t* gm = gamma.const_data_ptr<scalar_t>();
     const scalar_t* bt = beta.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
-      const double s = static_cast<double>(gm[c]) / std::sqrt(v[c] + eps);
-      scale[c] = static_cast<scalar_t>(s);
-      shift[c] = static_cast<scalar_t>(static_cast<double>(bt[c]) - m[c] * s);
+      const fastmnist::BnAffine map = fastmnist::bn_affine(gm[c], bt[c], m[c], v[c], eps);
+      scale[c] = static_cast<scalar_t>(map.scale);
+      shift[c] = static_cast<scalar_t>(map.shift);
     }
   };
   std::vector<double> m64(C), v64(C);
@@ -210,8 +215,10 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
   scalar_t* mean_ptr = mean.mutable_data_ptr<scalar_t>();
   scalar_t* var_ptr = var.mutable_data_ptr<scalar_t>();
   for (int64_t c = 0; c < C; ++c) {
-    m64[c] = sum_over_threads(partial_sum, threads, CT, c) / M;
-    v64[c] = std::max(sum_over_threads(partial_sumsq, threads, CT, c) / M - m64[c] * m64[c], 0.0);
+    const fastmnist::BatchMoments moments = fastmnist::batch_moments(
+        sum_over_threads(partial_sum, threads, CT, c), sum_over_threads(partial_sumsq, threads, CT, c), M);
+    m64[c] = moments.mean;
+    v64[c] = moments.var;
     mean_ptr[c] = static_cast<scalar_t>(m64[c]);
     var_ptr[c] = static_cast<scalar_t>(v64[c]);
   }
@@ -232,32 +239,18 @@ void conv_relu_bn_forward_kernel(const at::Tensor& x, const at::Tensor& weight, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_forward(
-    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
-    double eps, int64_t padding, const std::optional<at::Tensor>& channel_scale_in) {
-  const fastmnist::ConvReluBnArgs args = fastmnist::check_conv_relu_bn_args(
-      kOp, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, padding, channel_scale_in);
-  const fastmnist::ConvGeometry& g = args.g;
-  const at::Tensor* channel_scale = args.channel_scale;
-  TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
-  // The ATen calls below (layout copies, GEMMs) are our internals, not ops
-  // autograd should record: the registered backward owns the gradient.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto out_opts = x.options().memory_format(at::MemoryFormat::ChannelsLast);
-  at::Tensor relu_out = at::empty({g.n, g.cout, g.hout, g.wout}, out_opts);
-  at::Tensor y = at::empty({g.n, g.cout, g.hout, g.wout}, out_opts);
-  at::Tensor mean = training ? at::empty({g.cout}, x.options()) : running_mean.clone(at::MemoryFormat::Contiguous);
-  at::Tensor var = training ? at::empty({g.cout}, x.options()) : running_var.clone(at::MemoryFormat::Contiguous);
-  const at::Tensor scale = channel_scale ? channel_scale->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_forward", [&] {
-    conv_relu_bn_forward_kernel<scalar_t>(x, weight, bias.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(),
-                                          g, training, eps,
-                                          scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr, mean, var,
-                                          relu_out, y);
+    double eps, at::IntArrayRef padding, const std::optional<at::Tensor>& channel_scale) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internals are not ops autograd records
+  fastmnist::ConvReluBnForwardCall call = fastmnist::begin_conv_relu_bn(
+      kOp, at::kCPU, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, padding, channel_scale);
+  AT_DISPATCH_FLOATING_TYPES(call.x.scalar_type(), "conv_relu_bn_forward", [&] {
+    conv_relu_bn_forward_kernel<scalar_t>(call.x, weight, call.bias, call.gamma, call.beta, call.g, training, eps,
+                                          fastmnist::data_or_null<scalar_t>(call.channel_scale), call.mean, call.var,
+                                          call.relu_out, call.y);
   });
-  return {y, relu_out, mean, var};
+  return call.outputs();
 }
 
 // sum_dy[c] += sum of dy and sum_dy_r[c] += sum of dy * r over rows x C.
@@ -376,115 +369,67 @@ void relu_bn_grad(const scalar_t* dy, const scalar_t* r, const scalar_t* a, cons
 
 // Backward, with M values per channel, invstd = 1 / sqrt(var + eps),
 // xhat = (r - mean) invstd and dy = grad_y * channel_scale (or grad_y).
-// BatchNorm (training, batch statistics):
-//   dr = gamma invstd (dy - sum_dy / M - xhat sum_dy_xhat / M)
-// or, in eval (fixed statistics), dr = gamma invstd dy. ReLU passes dr where
-// r > 0: dz = dr [r > 0]. That elementwise pass is fused with the convolution
-// backward, chunk by chunk:
-//   grad_bias[co] = sum_p dz[p, co],  grad_wmat[co, k] = sum_p dz[p, co] patch(p)[k],
-//   dx = the transposed convolution of dz (ConvProducts).
+// BatchNorm's gradient is affine in (dy, r) per channel, dr = a dy + b r + d
+// (bn_backward_coefficients in csrc/bn_math.h gives the formula; in eval
+// b = d = 0). ReLU passes dr where r > 0: dz = dr [r > 0]. That elementwise
+// pass is fused with the convolution backward, chunk by chunk
+// (engine/conv_backward.h).
 template <typename scalar_t>
-void conv_relu_bn_backward_kernel(const at::Tensor& dy_t, const at::Tensor& x, const at::Tensor& weight,
-                                  const at::Tensor& r_t, const at::Tensor& gamma, const at::Tensor& mean_t,
-                                  const at::Tensor& var_t, const ConvGeometry& g, bool training, double eps,
-                                  bool compute_grad_x, const scalar_t* channel_scale, at::Tensor& grad_x, at::Tensor& grad_weight,
-                                  at::Tensor& grad_bias, at::Tensor& grad_gamma, at::Tensor& grad_beta) {
-  const int64_t P = g.pixels(), K = g.patch(), C = g.cout, rows_total = g.n * P;
-  const int threads = at::get_num_threads();
-  const scalar_t* dy = dy_t.const_data_ptr<scalar_t>();
-  const scalar_t* r = r_t.const_data_ptr<scalar_t>();
-  const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-  const auto opts = x.options();
+void conv_relu_bn_backward_kernel(const fastmnist::ConvReluBnBackwardCall& call, const at::Tensor& weight,
+                                  bool training, double eps, bool compute_grad_x, at::Tensor& grad_x,
+                                  at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& grad_gamma,
+                                  at::Tensor& grad_beta) {
+  const ConvGeometry& g = call.g;
+  const int64_t P = g.pixels(), C = g.cout;
+  const scalar_t* dy = call.grad_y.const_data_ptr<scalar_t>();
+  const scalar_t* r = call.relu_out.const_data_ptr<scalar_t>();
+  const scalar_t* channel_scale = fastmnist::data_or_null<scalar_t>(call.channel_scale);
+  const scalar_t* gamma = call.gamma.const_data_ptr<scalar_t>();
 
   std::vector<double> mean(C), invstd(C), sum_dy(C), sum_dy_xhat(C);
   for (int64_t c = 0; c < C; ++c) {
-    mean[c] = mean_t.const_data_ptr<scalar_t>()[c];
-    invstd[c] = 1.0 / std::sqrt(static_cast<double>(var_t.const_data_ptr<scalar_t>()[c]) + eps);
+    mean[c] = call.mean.const_data_ptr<scalar_t>()[c];
+    invstd[c] = fastmnist::bn_invstd(call.var.const_data_ptr<scalar_t>()[c], eps);
   }
   bn_grad_sums_kernel(dy, r, channel_scale, mean, invstd, g.n, P, C, sum_dy, sum_dy_xhat);
 
-  // dz = a[c] * dy + b[c] * r + d[c] where r > 0, else 0: the BN gradient is
-  // affine in (dy, r) per channel, so it is three coefficients.
   std::vector<scalar_t> a(C), b(C), d(C);
-  const double M = static_cast<double>(rows_total);
+  const double M = static_cast<double>(g.n * P);
   for (int64_t c = 0; c < C; ++c) {
-    const double gi = static_cast<double>(gamma.const_data_ptr<scalar_t>()[c]) * invstd[c];
-    if (training) {
-      const double k = sum_dy_xhat[c] / M * invstd[c];  // coefficient of (r - mean)
-      a[c] = static_cast<scalar_t>(gi);
-      b[c] = static_cast<scalar_t>(-gi * k);
-      d[c] = static_cast<scalar_t>(gi * (k * mean[c] - sum_dy[c] / M));
-    } else {
-      a[c] = static_cast<scalar_t>(gi);
-      b[c] = scalar_t(0);
-      d[c] = scalar_t(0);
-    }
+    const fastmnist::BnBackwardCoefficients k = fastmnist::bn_backward_coefficients(
+        gamma[c], mean[c], call.var.const_data_ptr<scalar_t>()[c], eps, sum_dy[c], sum_dy_xhat[c], M, training);
+    a[c] = static_cast<scalar_t>(k.a);
+    b[c] = static_cast<scalar_t>(k.b);
+    d[c] = static_cast<scalar_t>(k.d);
     grad_beta.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy[c]);
     grad_gamma.mutable_data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy_xhat[c]);
   }
 
-  ConvProducts<scalar_t> conv(g, weight, opts, threads, compute_grad_x);
-  // The weight gradient is summed in scalar_t over a chunk (im2col) or up to
-  // kImagesPerFlush images of a thread (tiles), then across those in double:
-  // a float running sum over the whole batch would lose digits to cancellation.
-  std::vector<double> grad_w_acc(threads * C * K, 0.0);
-  std::vector<double> grad_b_acc(threads * C, 0.0);
-  std::vector<std::vector<scalar_t>> dz_buffers(threads);
-  scalar_t* dx_ptr = compute_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-
-  for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
-    const int64_t rows = count * P;
-    auto& dz = dz_buffers[thread];
-    dz.resize(rows * C);
+  auto make_dz = [&](int64_t first, int64_t count, scalar_t* dz, double* bias_sums) {
     relu_bn_grad<scalar_t>(dy + first * P * C, r + first * P * C, a.data(), b.data(), d.data(),
-                           image_scale(channel_scale, first, C), count, P, C, training, dz.data(),
-                           grad_b_acc.data() + thread * C);
-    conv.weight_grad(x_ptr, dz.data(), first, count, thread, grad_w_acc.data() + thread * C * K);
-    if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx_ptr + first * g.h * g.w * g.cin);
-  });
-
-  write_weight_grad(conv, grad_w_acc, threads, grad_weight);
-  scalar_t* gbias = grad_bias.mutable_data_ptr<scalar_t>();
-  for (int64_t c = 0; c < C; ++c) gbias[c] = static_cast<scalar_t>(sum_over_threads(grad_b_acc, threads, C, c));
+                           image_scale(channel_scale, first, C), count, P, C, training, dz, bias_sums);
+  };
+  conv_backward_chunks<scalar_t>(g, call.x, weight, compute_grad_x, make_dz, grad_x, grad_weight, grad_bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_backward(
-    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out,
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& relu_out,
     const at::Tensor& bn_weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
-    int64_t padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale_in) {
-  const fastmnist::ConvReluBnArgs args = fastmnist::check_conv_relu_bn_backward_args(
-      kBackwardOp, grad_y, x_in, weight, relu_out, bn_weight, mean, var, padding, channel_scale_in);
-  const fastmnist::ConvGeometry& g = args.g;
-  const at::Tensor* channel_scale = args.channel_scale;
-  TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
-  // The ATen calls below (layout copies, GEMMs) are our internals, not ops
-  // autograd should record: the registered backward owns the gradient.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(cl);
-  const at::Tensor dy = grad_y.contiguous(cl);
-  const at::Tensor r = relu_out.contiguous(cl);
-  at::Tensor grad_x = compute_grad_x ? at::empty(x.sizes(), x.options().memory_format(cl)) : at::empty({0}, x.options());
-  // grad_weight in the weight's own memory format (see write_weight_grad).
-  at::Tensor grad_weight = at::empty_like(weight);
-  at::Tensor grad_bias = at::empty({g.cout}, x.options());
-  at::Tensor grad_gamma = at::empty({g.cout}, x.options());
-  at::Tensor grad_beta = at::empty({g.cout}, x.options());
-  const at::Tensor scale = channel_scale ? channel_scale->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_backward", [&] {
-    conv_relu_bn_backward_kernel<scalar_t>(dy, x, weight, r, bn_weight.contiguous(), mean.contiguous(),
-                                           var.contiguous(), g, training, eps, compute_grad_x,
-                                           scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr, grad_x,
-                                           grad_weight, grad_bias, grad_gamma, grad_beta);
+    at::IntArrayRef padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internals are not ops autograd records
+  fastmnist::ConvReluBnBackwardCall call = fastmnist::begin_conv_relu_bn_backward(
+      kBackwardOp, at::kCPU, grad_y, x, weight, relu_out, bn_weight, mean, var, padding, compute_grad_x, channel_scale);
+  AT_DISPATCH_FLOATING_TYPES(call.x.scalar_type(), "conv_relu_bn_backward", [&] {
+    conv_relu_bn_backward_kernel<scalar_t>(call, weight, training, eps, compute_grad_x, call.grad_x, call.grad_weight,
+                                           call.grad_bias, call.grad_gamma, call.grad_beta);
   });
-  return {grad_x, grad_weight, grad_bias, grad_gamma, grad_beta};
+  return call.outputs();
 }
 
 // Which convolution path the CPU kernels take for these arguments (for
 // fastmnist.ops.conv_path: tests and users can see that no block fell back
 // to the generic path unnoticed).
-std::string conv_path(const at::Tensor& x, const at::Tensor& weight, int64_t padding, bool compute_grad_x) {
+std::string conv_path(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef padding, bool compute_grad_x) {
   const ConvGeometry g = fastmnist::check_conv_inputs("conv_path", x, weight, padding);
   return describe_conv_path(g, x.scalar_type() == at::kFloat, compute_grad_x);
 }

@@ -1,9 +1,11 @@
 // CPU kernels of fastmnist::conv_relu_pool and its backward:
 //     out = AvgPool2d(pool)(ReLU(Conv2d(x, weight, bias, stride 1, padding)))
-// (ReLU optional). The network's transition (1x1 conv 32 -> 16, ReLU,
-// AvgPool2d(2)) and head (1x1 conv 16 -> 10, global average pooling over 7x7)
-// are each one call: the convolution runs on ConvProducts (conv_products.h)
-// and the activation and pooling are applied while an image is in cache.
+// (ReLU optional). A network's transition (a 1x1 conv, ReLU, AvgPool2d(2); the
+// default network's is 24 -> 16 on 24x24) and head (a 1x1 conv to 10 channels,
+// global average pooling; the default network's pools 6x6) are each one call:
+// the convolution runs on ConvProducts (engine/conv_products.h) and the
+// activation and pooling are applied while an image is in cache; the backward
+// runs on the chunk driver both ops share (engine/conv_backward.h).
 //
 // Backward, with A = pool * pool and cell(p) the pooling window holding pixel
 // p (pixels past the last whole window, which floor-mode pooling drops, get
@@ -15,7 +17,9 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "conv_products.h"
+#include "../entry.h"
+#include "engine/conv_backward.h"
+#include "engine/conv_products.h"
 #include "dispatch_channels.h"
 #include "relu.h"
 
@@ -31,8 +35,8 @@ using fastmnist::ConvGeometry;
 constexpr const char* kOp = "conv_relu_pool";
 constexpr const char* kBackwardOp = "conv_relu_pool_backward";
 
-ConvGeometry check_pool_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, int64_t padding,
-                               int64_t pool) {
+ConvGeometry check_pool_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                               at::IntArrayRef padding, int64_t pool) {
   const ConvGeometry g = fastmnist::check_conv_inputs(op, x, weight, padding);
   TORCH_CHECK(pool >= 1 && pool <= g.hout && pool <= g.wout, op, ": pool must be in [1, ", std::min(g.hout, g.wout),
               "] for a convolution output of ", g.hout, "x", g.wout, " (input ", x.sizes(), ", weight ",
@@ -88,18 +92,17 @@ void activate_and_pool(scalar_t* z, const scalar_t* bias, const ConvGeometry& g,
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_relu_pool_forward(const at::Tensor& x_in, const at::Tensor& weight,
-                                                          const at::Tensor& bias, bool relu, int64_t padding,
-                                                          int64_t pool) {
+                                                          const at::Tensor& bias, bool relu,
+                                                          at::IntArrayRef padding, int64_t pool) {
   const ConvGeometry g = check_pool_inputs(kOp, x_in, weight, padding, pool);
   fastmnist::check_channel_vector(kOp, bias, x_in, g.cout, "bias");
   TORCH_INTERNAL_ASSERT(x_in.device().is_cpu());
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internals are not ops autograd records
 
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(cl);
-  at::Tensor out = at::empty({g.n, g.cout, g.hout / pool, g.wout / pool}, x.options().memory_format(cl));
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = fastmnist::empty_channels_last(x, g.n, g.cout, g.hout / pool, g.wout / pool);
   // relu_out is what the backward's ReLU mask needs; without ReLU it needs none.
-  at::Tensor relu_out = relu ? at::empty({g.n, g.cout, g.hout, g.wout}, x.options().memory_format(cl))
+  at::Tensor relu_out = relu ? fastmnist::empty_channels_last(x, g.n, g.cout, g.hout, g.wout)
                              : at::empty({0}, x.options());
   const at::Tensor b = bias.contiguous();
   const int threads = at::get_num_threads();
@@ -175,7 +178,7 @@ void pooled_relu_grad(const scalar_t* grad_out, const scalar_t* r, const ConvGeo
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out_in,
-    bool relu, int64_t padding, int64_t pool, bool compute_grad_x) {
+    bool relu, at::IntArrayRef padding, int64_t pool, bool compute_grad_x) {
   const ConvGeometry g = check_pool_inputs(kBackwardOp, x_in, weight, padding, pool);
   fastmnist::check_activation(kBackwardOp, grad_out_in, x_in, {g.n, g.cout, g.hout / pool, g.wout / pool},
                               "grad_out");
@@ -187,31 +190,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_relu_pool_backward(
   const at::Tensor x = x_in.contiguous(cl);
   const at::Tensor grad_out = grad_out_in.contiguous(cl);
   const at::Tensor relu_out = relu ? relu_out_in.contiguous(cl) : at::Tensor();
-  at::Tensor grad_x = compute_grad_x ? at::empty(x.sizes(), x.options().memory_format(cl)) : at::empty({0}, x.options());
+  at::Tensor grad_x = compute_grad_x ? fastmnist::empty_channels_last(x, g.n, g.cin, g.h, g.w)
+                                     : at::empty({0}, x.options());
   at::Tensor grad_weight = at::empty_like(weight);  // in the weight's memory format (write_weight_grad)
   at::Tensor grad_bias = at::empty({g.cout}, x.options());
-  const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
-    ConvProducts<scalar_t> conv(g, weight, x.options(), threads, compute_grad_x);
-    const int64_t P = g.pixels(), C = g.cout, K = g.patch(), pooled = (g.hout / pool) * (g.wout / pool);
-    std::vector<double> grad_w_acc(threads * C * K, 0.0), grad_b_acc(threads * C, 0.0);
-    std::vector<std::vector<scalar_t>> dz_buffers(threads);
+    const int64_t P = g.pixels(), C = g.cout, pooled = (g.hout / pool) * (g.wout / pool);
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* r = relu ? relu_out.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dx = compute_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    for_each_chunk(g, conv.chunk(), [&](int64_t first, int64_t count, int thread) {
-      auto& dz = dz_buffers[thread];
-      dz.resize(count * P * C);
+    auto make_dz = [&](int64_t first, int64_t count, scalar_t* dz, double* bias_sums) {
       for (int64_t i = 0; i < count; ++i)
-        pooled_relu_grad(grad_out.const_data_ptr<scalar_t>() + (first + i) * pooled * C,
-                         r ? r + (first + i) * P * C : nullptr, g, pool, dz.data() + i * P * C,
-                         grad_b_acc.data() + thread * C);
-      conv.weight_grad(x.const_data_ptr<scalar_t>(), dz.data(), first, count, thread,
-                       grad_w_acc.data() + thread * C * K);
-      if (compute_grad_x) conv.input_grad(dz.data(), first, count, thread, dx + first * g.h * g.w * g.cin);
-    });
-    write_weight_grad(conv, grad_w_acc, threads, grad_weight);
-    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) gb[c] = static_cast<scalar_t>(sum_over_threads(grad_b_acc, threads, C, c));
+        pooled_relu_grad(go + (first + i) * pooled * C, r ? r + (first + i) * P * C : nullptr, g, pool,
+                         dz + i * P * C, bias_sums);
+    };
+    conv_backward_chunks<scalar_t>(g, x, weight, compute_grad_x, make_dz, grad_x, grad_weight, grad_bias);
   });
   return {grad_x, grad_weight, grad_bias};
 }

@@ -12,16 +12,19 @@
 // atomics, bitwise-repeatable results for a given shape and device.
 //
 // Forward (3 launches):
-//   conv_forward_kernel          r = relu(conv(x) + bias), per-block sum(r), sum(r^2)
-//   batch_stats_forward_kernel   mean, biased var, BN's affine map (scale, shift)
+//   conv_forward_kernel          r = relu(conv(x) + bias), per-block sum(r), sum(r^2) (training)
+//   batch_stats_forward_kernel   training: mean, biased var, BN's affine map (scale, shift)
+//     or bn_eval_affine_forward_kernel   eval: the affine map from the running statistics
 //   bn_normalize_forward_kernel  y = (r * scale + shift) * channel_scale[n]
-// Backward (5 or 6 launches):
+// Backward (6 launches, 7 with grad_x):
 //   bn_grad_partials_backward_kernel  per-block sum(dy), sum(dy * xhat), dy = grad_y * channel_scale[n]
 //   bn_grad_finalize_backward_kernel  grad_bn_bias, grad_bn_weight, dz coefficients
 //   bn_relu_backward_kernel           dz (BN + ReLU gradient), per-block sum(dz)
 //   row_sum_kernel                    grad_bias
 //   conv_weight_partials_backward_kernel + weight_reduce_backward_kernel   grad_weight
-//   conv_forward_kernel               grad_x: the convolution of dz with the flipped weight
+//   conv_forward_kernel               grad_x (when asked): the convolution of dz with the flipped weight
+// BatchNorm's per-channel arithmetic (statistics, affine map, backward
+// coefficients) is csrc/bn_math.h's, the same functions the CPU kernels call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -39,7 +42,9 @@
 #include <string>
 #include <tuple>
 
+#include "../bn_math.h"
 #include "../checks.h"
+#include "../entry.h"
 
 namespace {
 
@@ -66,14 +71,15 @@ struct ConvDims {
 
 ConvDims forward_dims(const fastmnist::ConvGeometry& g) {
   return ConvDims{int(g.n), int(g.h), int(g.w), int(g.cin), int(g.hout), int(g.wout), int(g.cout), int(g.kh),
-                  int(g.kw), int(g.pad), int(g.pad)};
+                  int(g.kw), int(g.pad_h), int(g.pad_w)};
 }
 
-// The input gradient as a convolution: grad_x[hi, wi, ci] = sum dz[hi - i + pad, wi - j + pad, co] w[co, ci, i, j]
-// = sum dz[hi + i' - (KH-1-pad), ...] w[co, ci, KH-1-i', KW-1-j']: input dz, weight flipped, Cin <-> Cout.
+// The input gradient as a convolution: grad_x[hi, wi, ci] = sum dz[hi - i + pad_h, wi - j + pad_w, co] w[co, ci, i, j]
+// = sum dz[hi + i' - (KH-1-pad_h), wi + j' - (KW-1-pad_w), co] w[co, ci, KH-1-i', KW-1-j']: input dz, weight
+// flipped, Cin <-> Cout.
 ConvDims input_grad_dims(const fastmnist::ConvGeometry& g) {
   return ConvDims{int(g.n), int(g.hout), int(g.wout), int(g.cout), int(g.h), int(g.w), int(g.cin), int(g.kh),
-                  int(g.kw), int(g.kh - 1 - g.pad), int(g.kw - 1 - g.pad)};
+                  int(g.kw), int(g.kh - 1 - g.pad_h), int(g.kw - 1 - g.pad_w)};
 }
 
 // Launch shape of the convolution and of the per-channel passes: threads_c
@@ -237,8 +243,8 @@ __global__ void __launch_bounds__(kThreads) conv_forward_kernel(
 
 // Training statistics of channel blockIdx.x over its M = N*Hout*Wout values
 // (mean = sum / M, biased var = sum(r^2) / M - mean^2, in double from the
-// partials), then BN's affine map y = r * scale + shift, rounded to scalar_t
-// as the CPU rounds it.
+// partials; NaN propagates as on the CPU), then BN's affine map
+// y = r * scale + shift, rounded to scalar_t as the CPU rounds it.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kReduceRowsMax) batch_stats_forward_kernel(
     const double* __restrict__ partial_sum, const double* __restrict__ partial_sumsq, int64_t chunks, int64_t count,
@@ -250,13 +256,12 @@ __global__ void __launch_bounds__(kReduceRowsMax) batch_stats_forward_kernel(
   const double sum = block_row_sum(partial_sum + c * chunks, chunks, shm);
   const double sumsq = block_row_sum(partial_sumsq + c * chunks, chunks, shm);
   if (threadIdx.x == 0) {
-    const double mean = sum / double(count);
-    const double var = fmax(sumsq / double(count) - mean * mean, 0.0);
-    mean_out[c] = scalar_t(mean);
-    var_out[c] = scalar_t(var);
-    const double s = double(bn_weight[c]) / sqrt(var + eps);
-    scale[c] = scalar_t(s);
-    shift[c] = scalar_t(double(bn_bias[c]) - mean * s);
+    const fastmnist::BatchMoments m = fastmnist::batch_moments(sum, sumsq, double(count));
+    mean_out[c] = scalar_t(m.mean);
+    var_out[c] = scalar_t(m.var);
+    const fastmnist::BnAffine map = fastmnist::bn_affine(double(bn_weight[c]), double(bn_bias[c]), m.mean, m.var, eps);
+    scale[c] = scalar_t(map.scale);
+    shift[c] = scalar_t(map.shift);
   }
 }
 
@@ -268,9 +273,10 @@ __global__ void bn_eval_affine_forward_kernel(const scalar_t* __restrict__ mean,
                                               scalar_t* __restrict__ scale, scalar_t* __restrict__ shift) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c < channels) {
-    const double s = double(bn_weight[c]) / sqrt(double(var[c]) + eps);
-    scale[c] = scalar_t(s);
-    shift[c] = scalar_t(double(bn_bias[c]) - double(mean[c]) * s);
+    const fastmnist::BnAffine map =
+        fastmnist::bn_affine(double(bn_weight[c]), double(bn_bias[c]), double(mean[c]), double(var[c]), eps);
+    scale[c] = scalar_t(map.scale);
+    shift[c] = scalar_t(map.shift);
   }
 }
 
@@ -314,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) bn_grad_partials_backward_kernel(
   for (int t = 0; t < kTileC; ++t) {
     if (tc * kTileC + t >= tile_c) continue;
     const int c = c0 + tc * kTileC + t;
-    const double m = double(mean[c]), invstd = 1.0 / sqrt(double(var[c]) + eps);
+    const double m = double(mean[c]), invstd = fastmnist::bn_invstd(double(var[c]), eps);
     for (int k = 0; k < kTileP; ++k) {
       const int64_t p = first + tp + int64_t{k} * threads_p;
       if (p >= pixels) break;
@@ -331,10 +337,9 @@ __global__ void __launch_bounds__(kThreads) bn_grad_partials_backward_kernel(
 
 // BN backward through y = xhat * w + b over the M values of a channel:
 //   grad_bn_bias = sum(dy), grad_bn_weight = sum(dy * xhat)
-//   training: dr = w invstd (dy - sum(dy)/M - xhat sum(dy xhat)/M) = a dy + b r + d
-//   eval:     dr = w invstd dy = a dy      (no r term: a NaN r gives no NaN gradient)
-// with a = w invstd, b = -a k, d = a (k mean - sum(dy)/M), k = invstd sum(dy xhat)/M,
-// stored as coef[c] = {a, b, d} in scalar_t, exactly the CPU's coefficients.
+//   dr = a dy + b r + d   (bn_backward_coefficients, csrc/bn_math.h; eval: b = d = 0,
+//                          no r term, so a NaN r gives no NaN gradient)
+// stored as coef[c] = {a, b, d} in scalar_t: the CPU's coefficients, from the same function.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kReduceRowsMax) bn_grad_finalize_backward_kernel(
     const double* __restrict__ partial_dy, const double* __restrict__ partial_dy_xhat, int64_t chunks, int64_t count,
@@ -348,13 +353,11 @@ __global__ void __launch_bounds__(kReduceRowsMax) bn_grad_finalize_backward_kern
   if (threadIdx.x == 0) {
     grad_bn_bias[c] = scalar_t(sum_dy);
     grad_bn_weight[c] = scalar_t(sum_dy_xhat);
-    const double invstd = 1.0 / sqrt(double(var[c]) + eps);
-    const double gi = double(bn_weight[c]) * invstd;
-    const double m = double(count);
-    const double k = sum_dy_xhat / m * invstd;
-    coef[3 * c + 0] = scalar_t(gi);
-    coef[3 * c + 1] = training ? scalar_t(-gi * k) : scalar_t(0);
-    coef[3 * c + 2] = training ? scalar_t(gi * (k * double(mean[c]) - sum_dy / m)) : scalar_t(0);
+    const fastmnist::BnBackwardCoefficients k = fastmnist::bn_backward_coefficients(
+        double(bn_weight[c]), double(mean[c]), double(var[c]), eps, sum_dy, sum_dy_xhat, double(count), training);
+    coef[3 * c + 0] = scalar_t(k.a);
+    coef[3 * c + 1] = scalar_t(k.b);
+    coef[3 * c + 2] = scalar_t(k.d);
   }
 }
 
@@ -529,9 +532,7 @@ void check_int32_images(const char* op, const fastmnist::ConvGeometry& g) {
               ") is too large for the CUDA kernels' 32-bit indexing");
 }
 
-at::Tensor empty_channels_last(const at::Tensor& x, int64_t n, int64_t c, int64_t h, int64_t w) {
-  return at::empty({n, c, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-}
+using fastmnist::empty_channels_last;
 
 template <typename scalar_t>
 void launch_conv(const at::Tensor& in_nhwc, const at::Tensor& wt, const scalar_t* bias, at::Tensor& out,
@@ -550,26 +551,22 @@ unsigned elementwise_blocks(int64_t numel) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_cuda(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& bn_weight,
     const at::Tensor& bn_bias, const at::Tensor& running_mean, const at::Tensor& running_var, bool training,
-    double eps, int64_t padding, const std::optional<at::Tensor>& channel_scale_in) {
-  const fastmnist::ConvReluBnArgs args = fastmnist::check_conv_relu_bn_args(
-      kOp, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, padding, channel_scale_in);
-  const fastmnist::ConvGeometry& g = args.g;
-  const at::Tensor* channel_scale = args.channel_scale;
-  TORCH_INTERNAL_ASSERT(x_in.is_cuda());
-  check_int32_images(kOp, g);
-  // The ATen calls below are our internals, not ops autograd should record.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+    double eps, at::IntArrayRef padding, const std::optional<at::Tensor>& channel_scale) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internals are not ops autograd records
   const c10::cuda::CUDAGuard device_guard(x_in.device());
+  fastmnist::ConvReluBnForwardCall call = fastmnist::begin_conv_relu_bn(
+      kOp, at::kCUDA, x_in, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, padding,
+      channel_scale);
+  const fastmnist::ConvGeometry& g = call.g;
+  check_int32_images(kOp, g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor& x = call.x;
   const at::Tensor wt = weight.permute({2, 3, 1, 0}).contiguous();  // (KH, KW, Cin, Cout)
-  const at::Tensor bias_c = bias.contiguous(), gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
-  const at::Tensor scale_c = channel_scale ? channel_scale->contiguous() : at::Tensor();
-  at::Tensor relu_out = empty_channels_last(x, g.n, g.cout, g.hout, g.wout);
-  at::Tensor y = empty_channels_last(x, g.n, g.cout, g.hout, g.wout);
-  at::Tensor mean = training ? at::empty({g.cout}, x.options()) : running_mean.clone(at::MemoryFormat::Contiguous);
-  at::Tensor var = training ? at::empty({g.cout}, x.options()) : running_var.clone(at::MemoryFormat::Contiguous);
+  at::Tensor& relu_out = call.relu_out;
+  at::Tensor& y = call.y;
+  at::Tensor& mean = call.mean;
+  at::Tensor& var = call.var;
   at::Tensor affine = at::empty({2, g.cout}, x.options());  // scale, shift
   const int64_t pixels = g.n * g.pixels();
   const ConvDims d = forward_dims(g);
@@ -579,27 +576,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_cuda(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_cuda", [&] {
     double* psum = training ? partials.data_ptr<double>() : nullptr;
     double* psumsq = training ? psum + g.cout * t.blocks_p : nullptr;
-    launch_conv<scalar_t>(x, wt, bias_c.const_data_ptr<scalar_t>(), relu_out, psum, psumsq, d, t, true, stream);
+    launch_conv<scalar_t>(x, wt, call.bias.const_data_ptr<scalar_t>(), relu_out, psum, psumsq, d, t, true, stream);
     scalar_t* scale = affine.mutable_data_ptr<scalar_t>();
     scalar_t* shift = scale + g.cout;
     if (training) {
       batch_stats_forward_kernel<scalar_t><<<unsigned(g.cout), kReduceRowsMax, 0, stream>>>(
-          psum, psumsq, t.blocks_p, pixels, gamma.const_data_ptr<scalar_t>(), beta.const_data_ptr<scalar_t>(), eps,
+          psum, psumsq, t.blocks_p, pixels, call.gamma.const_data_ptr<scalar_t>(), call.beta.const_data_ptr<scalar_t>(), eps,
           mean.mutable_data_ptr<scalar_t>(), var.mutable_data_ptr<scalar_t>(), scale, shift);
     } else {
       bn_eval_affine_forward_kernel<scalar_t><<<unsigned(ceil_div(g.cout, kThreads)), kThreads, 0, stream>>>(
-          mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), gamma.const_data_ptr<scalar_t>(),
-          beta.const_data_ptr<scalar_t>(), eps, int(g.cout), scale, shift);
+          mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), call.gamma.const_data_ptr<scalar_t>(),
+          call.beta.const_data_ptr<scalar_t>(), eps, int(g.cout), scale, shift);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t numel = pixels * g.cout;
     bn_normalize_forward_kernel<scalar_t><<<elementwise_blocks(numel), kThreads, 0, stream>>>(
         relu_out.const_data_ptr<scalar_t>(), scale, shift,
-        scale_c.defined() ? scale_c.const_data_ptr<scalar_t>() : nullptr, numel, int(g.cout), g.pixels() * g.cout,
+        fastmnist::data_or_null<scalar_t>(call.channel_scale), numel, int(g.cout), g.pixels() * g.cout,
         y.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return std::make_tuple(y, relu_out, mean, var);
+  return call.outputs();
 }
 
 // Pixel chunks of the weight gradient: about 4 blocks per SM-sized slice of
@@ -639,35 +636,29 @@ void launch_weight_grad(const at::Tensor& x, const at::Tensor& dz, const ConvDim
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu_bn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& relu_out,
     const at::Tensor& bn_weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
-    int64_t padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale_in) {
-  const fastmnist::ConvReluBnArgs args = fastmnist::check_conv_relu_bn_backward_args(
-      kBackwardOp, grad_y, x_in, weight, relu_out, bn_weight, mean, var, padding, channel_scale_in);
-  const fastmnist::ConvGeometry& g = args.g;
-  const at::Tensor* channel_scale = args.channel_scale;
-  TORCH_INTERNAL_ASSERT(x_in.is_cuda());
-  check_int32_images(kBackwardOp, g);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+    at::IntArrayRef padding, bool compute_grad_x, const std::optional<at::Tensor>& channel_scale) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // our internals are not ops autograd records
   const c10::cuda::CUDAGuard device_guard(x_in.device());
+  fastmnist::ConvReluBnBackwardCall call = fastmnist::begin_conv_relu_bn_backward(
+      kBackwardOp, at::kCUDA, grad_y, x_in, weight, relu_out, bn_weight, mean, var, padding, compute_grad_x,
+      channel_scale);
+  const fastmnist::ConvGeometry& g = call.g;
+  check_int32_images(kBackwardOp, g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  const at::Tensor x = x_in.contiguous(cl), dy = grad_y.contiguous(cl), r = relu_out.contiguous(cl);
-  const at::Tensor gamma = bn_weight.contiguous(), mean_c = mean.contiguous(), var_c = var.contiguous();
-  const at::Tensor scale_c = channel_scale ? channel_scale->contiguous() : at::Tensor();
+  const at::Tensor &x = call.x, &dy = call.grad_y, &r = call.relu_out;
+  const at::Tensor &gamma = call.gamma, &mean_c = call.mean, &var_c = call.var;
   const int64_t pixels = g.n * g.pixels();
   const Tiling t = make_tiling(pixels, g.cout, kTileP);
   const at::TensorOptions f64 = x.options().dtype(at::kDouble);
   at::Tensor partials = at::empty({3, g.cout, t.blocks_p}, f64);  // sum dy, sum dy xhat, sum dz
   at::Tensor coef = at::empty({g.cout, 3}, x.options());
   at::Tensor dz = empty_channels_last(x, g.n, g.cout, g.hout, g.wout);
-  at::Tensor grad_x = compute_grad_x ? empty_channels_last(x, g.n, g.cin, g.h, g.w) : at::empty({0}, x.options());
-  at::Tensor grad_weight = at::empty_like(weight);  // the weight's own memory format
-  at::Tensor grad_bias = at::empty({g.cout}, x.options());
-  at::Tensor grad_gamma = at::empty({g.cout}, x.options());
-  at::Tensor grad_beta = at::empty({g.cout}, x.options());
+  at::Tensor &grad_x = call.grad_x, &grad_weight = call.grad_weight, &grad_bias = call.grad_bias;
+  at::Tensor &grad_gamma = call.grad_gamma, &grad_beta = call.grad_beta;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_relu_bn_backward_cuda", [&] {
-    const scalar_t* s = scale_c.defined() ? scale_c.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* s = fastmnist::data_or_null<scalar_t>(call.channel_scale);
     double* p_dy = partials.data_ptr<double>();
     double* p_dyx = p_dy + g.cout * t.blocks_p;
     double* p_dz = p_dyx + g.cout * t.blocks_p;
@@ -697,11 +688,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_relu
       launch_conv<scalar_t>(dz, wt, nullptr, grad_x, nullptr, nullptr, di, ti, false, stream);
     }
   });
-  return std::make_tuple(grad_x, grad_weight, grad_bias, grad_gamma, grad_beta);
+  return call.outputs();
 }
 
 // The path the CUDA kernels take (for fastmnist.ops.conv_path and tests).
-std::string conv_path_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t padding, bool compute_grad_x) {
+std::string conv_path_cuda(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef padding,
+                           bool compute_grad_x) {
   const fastmnist::ConvGeometry g = fastmnist::check_conv_inputs("conv_path", x, weight, padding);
   const Tiling t = make_tiling(g.n * g.pixels(), g.cout, kTileP);
   std::string s = "cuda register tiles (" + std::to_string(kTileP) + " pixels x " + std::to_string(kTileC) +

@@ -2,8 +2,8 @@
 // path (with torch's BLAS) where no register tiles apply (conv_tiles.h).
 #pragma once
 
-#include "../checks.h"
-#include "dispatch_channels.h"
+#include "../../checks.h"
+#include "../dispatch_channels.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -27,17 +27,17 @@ void im2col_impl(const scalar_t* __restrict__ x, int64_t count, const ConvGeomet
     for (int64_t oy = 0; oy < g.hout; ++oy) {
       scalar_t* rows = col + (b * g.hout + oy) * g.wout * K;
       for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy + ky - g.pad;
+        const int64_t iy = oy + ky - g.pad_h;
         const bool row_inside = iy >= 0 && iy < g.h;
         for (int64_t kx = 0; kx < g.kw; ++kx) {
           scalar_t* dst = rows + (ky * g.kw + kx) * cin;
           // output columns [lo, hi) read input columns inside the image
-          const int64_t lo = std::max<int64_t>(0, g.pad - kx);
-          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad - kx);
+          const int64_t lo = std::max<int64_t>(0, g.pad_w - kx);
+          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad_w - kx);
           for (int64_t ox = 0; ox < g.wout; ++ox) {
             scalar_t* d = dst + ox * K;
             if (row_inside && ox >= lo && ox < hi) {
-              const scalar_t* s = img + (iy * g.w + ox + kx - g.pad) * cin;
+              const scalar_t* s = img + (iy * g.w + ox + kx - g.pad_w) * cin;
               for (int64_t c = 0; c < cin; ++c) d[c] = s[c];
             } else {
               for (int64_t c = 0; c < cin; ++c) d[c] = scalar_t(0);
@@ -61,13 +61,13 @@ void col2im_impl(const scalar_t* __restrict__ dcol, int64_t count, const ConvGeo
     for (int64_t oy = 0; oy < g.hout; ++oy) {
       const scalar_t* rows = dcol + (b * g.hout + oy) * g.wout * K;
       for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy + ky - g.pad;
+        const int64_t iy = oy + ky - g.pad_h;
         if (iy < 0 || iy >= g.h) continue;
         for (int64_t kx = 0; kx < g.kw; ++kx) {
           const scalar_t* src = rows + (ky * g.kw + kx) * cin;
-          const int64_t lo = std::max<int64_t>(0, g.pad - kx);
-          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad - kx);
-          scalar_t* dst = img + (iy * g.w + lo + kx - g.pad) * cin;
+          const int64_t lo = std::max<int64_t>(0, g.pad_w - kx);
+          const int64_t hi = std::min<int64_t>(g.wout, g.w + g.pad_w - kx);
+          scalar_t* dst = img + (iy * g.w + lo + kx - g.pad_w) * cin;
           for (int64_t ox = lo; ox < hi; ++ox, dst += cin) {
             const scalar_t* s = src + ox * K;
             for (int64_t c = 0; c < cin; ++c) dst[c] += s[c];

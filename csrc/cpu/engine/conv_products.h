@@ -9,7 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "../checks.h"
+#include "../../checks.h"
 #include "conv_tiles.h"
 #include "im2col.h"
 
@@ -55,17 +55,18 @@ void copy_rows(const scalar_t* src, int64_t ss, int64_t rows, int64_t cols, scal
 inline const char* tiles_refusal(const ConvGeometry& g, bool is_float) {
   if (!is_float) return "float64 (the tiles are float32)";
   if (tile_isa() == TileIsa::none) return "no AVX2/AVX-512 (CPU, or ATEN_CPU_CAPABILITY=default)";
-  if (g.pad >= g.kh || g.pad >= g.kw) return "padding >= kernel size";
+  if (g.pad_h >= g.kh || g.pad_w >= g.kw) return "padding >= kernel size";
   return nullptr;
 }
 
 // The tiles' geometry of the forward (the zero-padded image) and of the input
-// gradient (a valid convolution of dz padded by k - 1 - pad with the flipped weight).
+// gradient (a valid convolution of dz padded by k - 1 - pad with the flipped weight),
+// each dimension with its own padding.
 inline ImageGeometry forward_image(const ConvGeometry& g) {
-  return {g.h + 2 * g.pad, g.w + 2 * g.pad, g.cin, g.kh, g.kw, g.hout, g.wout, g.pad, g.pad};
+  return {g.h + 2 * g.pad_h, g.w + 2 * g.pad_w, g.cin, g.kh, g.kw, g.hout, g.wout, g.pad_h, g.pad_w};
 }
 inline ImageGeometry input_grad_image(const ConvGeometry& g) {
-  const int64_t ph = g.kh - 1 - g.pad, pw = g.kw - 1 - g.pad;
+  const int64_t ph = g.kh - 1 - g.pad_h, pw = g.kw - 1 - g.pad_w;
   return {g.hout + 2 * ph, g.wout + 2 * pw, g.cout, g.kh, g.kw, g.h, g.w, ph, pw};
 }
 
@@ -194,7 +195,7 @@ struct ConvProducts {
                           count, " images");
     if (tiled) {
       for (int64_t b = first; b < first + count; ++b) {
-        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad_h, g.pad_w, padded_x[thread]);
         float* zb = reinterpret_cast<float*>(z + (b - first) * P * C);
         if (co_t == C) {
           tiles_conv(reinterpret_cast<const float*>(in), w_packed, wino_fwd, forward_image(g), C, zb, epilogue, thread);
@@ -234,7 +235,7 @@ struct ConvProducts {
     if (tiled) {  // tile is (K, co_t) here
       tile.resize(K * co_t);
       for (int64_t b = first; b < first + count; ++b) {
-        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad, g.pad, padded_x[thread]);
+        const scalar_t* in = pad_image(x + b * image, g.h, g.w, g.cin, g.pad_h, g.pad_w, padded_x[thread]);
         const float* dzb = reinterpret_cast<const float*>(dz + (b - first) * P * C);
         if (co_t != C) {  // dz padded with zero channels, which the tiles' extra columns then sum
           float* d = scratch(thread, P, co_t);
