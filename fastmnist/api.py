@@ -112,11 +112,16 @@ class Classifier:
                                   f"image {bad[0].item()} ({len(bad)} images in all); retrain it or pass another model.pt")
         return probs
 
-    def export_onnx(self, path, data_dir=None, opset: Optional[int] = None, log=print) -> Path:
-        """Write the model as ONNX (standard ops, dynamic batch) after checking it on the MNIST test set."""
+    def export(self, path, format: str = "onnx", data_dir=None, log=print) -> Path:
+        """Write the model as ONNX (standard ops, opset 18, dynamic batch) or torch.export .pt2 ("pt2"),
+        after checking the written model against this one on the MNIST test set (fastmnist.export)."""
         from fastmnist.export import export
 
-        return export(self, path, "onnx", data_dir=data_dir, opset=opset, log=log)
+        return export(self.info.path, path, format, data_dir=data_dir, log=log)
+
+    def export_onnx(self, path, data_dir=None, log=print) -> Path:
+        """Write the model as ONNX; see export."""
+        return self.export(path, "onnx", data_dir=data_dir, log=log)
 
 
 def load(path: Union[str, os.PathLike], device: str = "auto") -> Classifier:
