@@ -190,3 +190,30 @@ def test_bad_models_give_one_line_checkpoint_errors(tmp_path, untrained_model):
         assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="device must be auto, cpu or cuda"):
         fastmnist.load(untrained_model, device="tpu")
+
+
+# ---- the README's Python session, run as written -----------------------------------------------------
+
+def readme_session() -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- python-session -->\s*```python\n(.*?)```\s*<!-- /python-session -->", text, re.S)
+    assert block, "README.md has no ```python block between <!-- python-session --> and <!-- /python-session -->"
+    return block[1]
+
+
+@pytest.mark.slow  # trains one epoch on all 60,000 images and exports
+def test_the_readme_python_session_runs_as_written(mnist_dir, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the session exports ONNX: the `export` extra")
+    env = {"PATH": "", "HOME": str(tmp_path), "FASTMNIST_DATA": mnist_dir, "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}  # one thread: on a busy shared machine more only spin
+    result = subprocess.run([sys.executable, "-c", readme_session()], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("Classifier('runs/demo/model.pt': default, 18,410 parameters") for line in lines)
+    accuracy = [line for line in lines if re.fullmatch(r"0\.\d+ torch.Size\(\[10000, 10\]\)", line)]
+    assert accuracy and float(accuracy[0].split()[0]) == pytest.approx(float(lines[lines.index(accuracy[0]) + 1]))
+    assert "[7, 7] torch.Size([28, 28])" in lines
+    assert "  fused: 0 -> 1 -> 2 (conv_relu_bn)" in lines
+    assert "  stock: 3: stride (2, 2): the fused ops run stride 1" in lines
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "runs/demo/metrics.json").is_file()
