@@ -7,6 +7,8 @@ One inference path under every face: `fastmnist predict`, `fastmnist serve` and 
 bring images to MNIST's convention with fastmnist.predict's functions and run the model through
 Classifier.probabilities.
 """
+from __future__ import annotations  # help() shows the annotations as written: ImageLike, not its expansion
+
 import json
 import os
 import re
@@ -57,7 +59,7 @@ class ModelInfo:
         return asdict(self)
 
 
-ImageLike = Union[str, os.PathLike, bytes, torch.Tensor, "numpy.ndarray", "PIL.Image.Image"]
+ImageLike = Union[str, os.PathLike, bytes, torch.Tensor, "numpy.ndarray", "PIL.Image.Image"]  # see predict
 
 
 class Classifier:

@@ -11,6 +11,8 @@ updates the same tensors. Whatever the fused ops do not compute exactly is left 
 reason in the report: a stride, dilation or groups, padding that differs between height and width
 or is not zeros, a ReLU or convolution output that something else also reads, an in-place op.
 """
+from __future__ import annotations
+
 import copy
 import operator
 from dataclasses import dataclass, field

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import fastmnist
+import fastmnist.api
 from fastmnist.api import InputError, images_to_batch, inference_model
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.predict import ImageError, load_digit
@@ -190,6 +191,35 @@ def test_bad_models_give_one_line_checkpoint_errors(tmp_path, untrained_model):
         assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="device must be auto, cpu or cuda"):
         fastmnist.load(untrained_model, device="tpu")
+
+
+def test_train_refuses_what_the_command_line_refuses_with_the_same_reason(tmp_path):
+    for settings, pattern in (({"epochs": 0}, r"^epochs: 0 is out of range: must be >= 1"),
+                              ({"lr": -1.0}, r"^lr: -1.0 is out of range: must be > 0.0"),
+                              ({"model": "huge"}, r"^model: not one of the choices: 'huge'"),
+                              ({"device": "tpu"}, r"^device: not one of the choices")):
+        with pytest.raises(InputError, match=pattern) as info:
+            fastmnist.train(tmp_path / "run", **settings)
+        assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="resume=True continues the run .* drop epochs"):
+        fastmnist.train(tmp_path / "run", epochs=3, resume=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fastmnist_train_stays_the_function_when_its_module_is_imported():
+    import importlib
+
+    module = importlib.import_module("fastmnist.train")
+    from fastmnist import train
+
+    assert train is fastmnist.train is fastmnist.api.train and module.TrainConfig
+
+
+def test_evaluate_gives_one_line_errors(tmp_path, untrained_model):
+    with pytest.raises(CheckpointError, match="no such model checkpoint"):
+        fastmnist.evaluate(tmp_path / "missing.pt", device="cpu")
+    with pytest.raises(InputError, match="device must be auto, cpu or cuda"):
+        fastmnist.evaluate(untrained_model, device="tpu")
 
 
 # ---- the README's Python session, run as written -----------------------------------------------------
