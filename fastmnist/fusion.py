@@ -74,6 +74,8 @@ def _fuse_from(gm: fx.GraphModule, modules: dict, conv_node: fx.Node, found: Fus
     name = conv_node.target
     conv = modules[name]
     why = _conv_unfusable(conv)
+    if why is None and (len(conv_node.args) != 1 or conv_node.kwargs):
+        why = "called with other than one positional input"
     relu_node, tail = None, _sole_user(conv_node, modules)
     if why is None and isinstance(tail, str):
         why = f"its output is {tail}"
