@@ -53,8 +53,9 @@ def fuse(module: nn.Module, report: bool = False) -> Union[nn.Module, Tuple[nn.M
     if not isinstance(module, nn.Module):
         raise InputError(f"fuse takes an nn.Module, got a {type(module).__name__}")
     ops.require_fused()
+    source = copy.deepcopy(module)
     try:
-        graph_module = fx.symbolic_trace(copy.deepcopy(module))
+        graph_module = fx.symbolic_trace(source)
     except Exception as exc:  # fx raises TraceError, TypeError, ... on data-dependent control flow
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"fuse: torch.fx cannot trace this {type(module).__name__} ({first}); fuse the "
@@ -66,7 +67,31 @@ def fuse(module: nn.Module, report: bool = False) -> Union[nn.Module, Tuple[nn.M
             _fuse_from(graph_module, modules, node, found)
     graph_module.graph.lint()
     graph_module.recompile()
+    _keep_what_forward_does_not_use(source, graph_module)
     return (graph_module, found) if report else graph_module
+
+
+def _keep_what_forward_does_not_use(source: nn.Module, graph_module: fx.GraphModule) -> None:
+    """Give the GraphModule the submodules, parameters and buffers its forward never reads.
+
+    torch.fx copies only what the traced forward reads; the rest (a spare head, a buffer kept for
+    later) would drop out of state_dict(), and a stock checkpoint would no longer load.
+    """
+    for name, submodule in source.named_modules():
+        try:
+            graph_module.get_submodule(name)
+        except AttributeError:
+            graph_module.add_submodule(name, submodule)
+    persistent = source.state_dict().keys()
+    held = dict(graph_module.named_parameters()).keys() | dict(graph_module.named_buffers()).keys()
+    for name, tensor in [*source.named_parameters(), *source.named_buffers()]:
+        if name not in held:
+            prefix, _, leaf = name.rpartition(".")
+            owner = graph_module.get_submodule(prefix)
+            if isinstance(tensor, nn.Parameter):
+                owner.register_parameter(leaf, tensor)
+            else:
+                owner.register_buffer(leaf, tensor, persistent=name in persistent)
 
 
 def _fuse_from(gm: fx.GraphModule, modules: dict, conv_node: fx.Node, found: FuseReport) -> None:

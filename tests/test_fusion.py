@@ -199,6 +199,28 @@ def test_state_dict_keys_and_values_are_the_stock_ones_both_ways(name):
     torch.testing.assert_close(stock.eval()(x), other(x), atol=0, rtol=0)
 
 
+def test_what_forward_never_reads_stays_in_the_state_dict():
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.register_buffer("seen", torch.zeros(2))
+            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+            self.spare_head = nn.Linear(2, 2)
+            self.block = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))
+
+        def forward(self, x):
+            return self.block[0](self.bn(torch.relu(self.conv(x))))
+
+    stock = Spare()
+    fused, report = fastmnist.fuse(stock, report=True)
+    assert report.fused == ["conv -> relu -> bn (conv_relu_bn)"]
+    state = fused.state_dict()
+    assert state.keys() == stock.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in stock.state_dict().items())
+    fused.load_state_dict(Spare().state_dict())
+
+
 def test_the_fused_copy_shares_nothing_with_the_original_but_its_values():
     stock = build("lenet")
     fused = fastmnist.fuse(stock)
