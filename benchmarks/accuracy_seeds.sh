@@ -2,7 +2,7 @@
 # Train a model's recipe (`fastmnist train --model MODEL`, no other flag) for each seed and keep the raw
 # metrics:   bash benchmarks/accuracy_seeds.sh MODEL [SEEDS...]   (default seeds 0 1 2 3 4)
 # Results go to benchmarks/results/seeds/MODEL/seed<N>/ (metrics.json, curves.png), with seed<N>.log and
-# seed<N>.commit (the commit measured) beside them; benchmarks/accuracy_table.py summarises them.
+# seed<N>.commit (the commit measured) beside them; benchmarks/tables.py renders them into docs/recipe.md.
 # Run nothing else CPU-heavy meanwhile: the minutes per run are part of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."

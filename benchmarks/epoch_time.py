@@ -32,7 +32,7 @@ from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_i
 from fastmnist.device import cpu_model
 from fastmnist.model import build_model
 from fastmnist.recipes import RECIPES
-from fastmnist.train import nesterov_sgd
+from fastmnist.optim import nesterov_sgd
 
 MNIST_TRAIN_IMAGES = 60000
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def make_variant(impl, memory_format, compiled, device):
 
 
 def _fused_sgd(device) -> bool:
-    """Whether the training step's optimiser (fastmnist.train.nesterov_sgd) runs fused on this device."""
+    """Whether the training step's optimiser (fastmnist.optim.nesterov_sgd) runs fused on this device."""
     return bool(nesterov_sgd([torch.zeros(1, device=device)], 0.1, 0.9, 0.0).defaults.get("fused"))
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from fastmnist import ops
 from fastmnist.checkpoint import CheckpointError, load_model
 from fastmnist.device import resolve_device
-from fastmnist.model import count_parameters
+from fastmnist.model import MEMORY_FORMAT, count_parameters
 
 SIDE = 28  # MNIST's images are 28 x 28
 BATCH_SIZE = 1000  # images per forward pass: 10,000 images run as 10 batches
@@ -112,7 +112,7 @@ class Classifier:
                              "predict takes images of every other kind")
         out = []
         for i in range(0, len(batch), batch_size):
-            x = batch[i : i + batch_size].to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
+            x = batch[i : i + batch_size].to(self.device, torch.float32).contiguous(memory_format=MEMORY_FORMAT)
             out.append(F.softmax(self.model(x).float(), dim=1).cpu())
         probs = torch.cat(out)
         bad = (~torch.isfinite(probs).all(1)).nonzero().flatten()
@@ -168,7 +168,7 @@ def inference_model(model: nn.Module, impl: str) -> tuple:
     if impl == "fused":
         return model, False
     try:
-        return model.fold().to(memory_format=torch.channels_last), True
+        return model.fold().to(memory_format=MEMORY_FORMAT), True
     except (AttributeError, ValueError):  # not a FastMNISTNet, or a BN that cannot be folded exactly
         return model, False
 
@@ -249,7 +249,7 @@ def evaluate(path: Union[str, os.PathLike], data_dir: Union[str, os.PathLike, No
     Returns test_acc and test_loss with report.json's numbers: per_class, confusion, mistakes.
     """
     from fastmnist.report import summarize
-    from fastmnist.train import evaluate_checkpoint
+    from fastmnist.evaluation import evaluate_checkpoint
 
     path = Path(path)
     if path.is_dir():

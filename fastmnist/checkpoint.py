@@ -1,24 +1,15 @@
-"""Saving and loading runs: atomic writes, training state, saved models.
+"""model.pt: saving a trained model and loading one a user hands us.
 
-Every file is written to a temporary name in the same folder and renamed
-into place, so a crash or a kill mid-write never leaves a broken file.
+(A run's resumable state, checkpoint.pt, is fastmnist.training_state; its folder, fastmnist.runs.)
 """
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from fastmnist.model import build_model
+from fastmnist.errors import first_line
+from fastmnist.files import torch_save_atomic
+from fastmnist.model import MEMORY_FORMAT, build_model
 
-STATE_FILE = "checkpoint.pt"  # resumable training state, rewritten after every epoch
-RUN_FILES = (STATE_FILE, "metrics.json", "model.pt")
-# --overwrite moves the old run's files here and deletes them only once the new
-# run has written its first checkpoint; a run that fails before gets them back.
-PREVIOUS_RUN = ".previous-run"
-REPLACED_FILES = RUN_FILES + ("curves.png",)
 # v2: each block's Dropout2d lives inside its ConvReLUBN, so the Sequential's
 # indices (and state_dict keys) differ from v1's. v3: the transition (conv,
 # ReLU, pool) and the head (conv, pool) are one ConvPool each: indices moved again.
@@ -31,98 +22,8 @@ class CheckpointError(Exception):
     """A missing, corrupt or foreign checkpoint, with the remedy in its message."""
 
 
-class RunExistsError(Exception):
-    """--out already holds a run and neither --resume nor --overwrite was given."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def torch_save_atomic(obj, path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def write_json_atomic(path, obj) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Create out; refuse one that holds a run unless overwrite; fail early if unwritable.
-
-    With overwrite, the old run is moved aside, not deleted: save_training_state
-    deletes it once the new run has a checkpoint, restore_previous_run puts it
-    back if the new run fails before that.
-    """
-    out = Path(out)
-    restore_previous_run(out)  # left aside by a replacing run that was killed before its first checkpoint
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise RunExistsError(
-            f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --out"
-        )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-        if existing:
-            (out / PREVIOUS_RUN).mkdir(exist_ok=True)
-            for name in REPLACED_FILES:
-                if (out / name).exists():
-                    os.replace(out / name, out / PREVIOUS_RUN / name)
-    except OSError as exc:
-        raise RunExistsError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-
-
-def restore_previous_run(out: Path) -> None:
-    """Put back the run that --overwrite moved aside, where no new file has replaced it."""
-    aside = Path(out) / PREVIOUS_RUN
-    if not aside.is_dir():
-        return
-    for path in aside.iterdir():
-        if not (Path(out) / path.name).exists():
-            os.replace(path, Path(out) / path.name)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def get_rng_states(aug_gen: torch.Generator, device: torch.device) -> dict:
-    states = {"torch": torch.get_rng_state(), "augment": aug_gen.get_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states: dict, aug_gen: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    aug_gen.set_state(states["augment"])
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def save_training_state(out: Path, state: dict) -> None:
-    torch_save_atomic(state, Path(out) / STATE_FILE)
-    # The new run now has a checkpoint of its own: the run it replaces can go.
-    shutil.rmtree(Path(out) / PREVIOUS_RUN, ignore_errors=True)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
-
-
-def _load(path: Path, what: str, remedy: str) -> dict:
+def load_file(path: Path, what: str, remedy: str):
+    """A torch file a user may hand us (model.pt, checkpoint.pt), tensors only, or one CheckpointError."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such {what}; {remedy}")
     if path.stat().st_size == 0:
@@ -130,21 +31,7 @@ def _load(path: Path, what: str, remedy: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file: report one line
-        raise CheckpointError(f"{path}: not a readable {what} ({_first_line(exc)}); {remedy}") from None
-
-
-def load_training_state(out: Path) -> dict:
-    out = Path(out)
-    state = _load(out / STATE_FILE, "training checkpoint",
-                  f"a run writes it at the end of each epoch and on Ctrl-C, so one killed during its first epoch "
-                  f"leaves nothing to resume: start it anew with `fastmnist train --out {out} --overwrite` "
-                  "(--resume needs the folder of a run started by `fastmnist train --out DIR`)")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{out / STATE_FILE}: not a fastmnist training checkpoint (not a dict)")
-    missing = {"config", "model", "optimizer", "scheduler", "rng", "history", "epoch", "step", "sums", "seen"} - set(state)
-    if missing:
-        raise CheckpointError(f"{out / STATE_FILE}: not a fastmnist training checkpoint (missing {sorted(missing)})")
-    return state
+        raise CheckpointError(f"{path}: not a readable {what} ({first_line(exc)}); {remedy}") from None
 
 
 def save_model(path: Path, model: torch.nn.Module, model_kwargs: dict) -> None:
@@ -154,7 +41,7 @@ def save_model(path: Path, model: torch.nn.Module, model_kwargs: dict) -> None:
 def load_model(path, device="cpu"):
     """(model in eval mode, model_kwargs) from a model.pt written by fastmnist train."""
     path = Path(path)
-    ckpt = _load(path, "model checkpoint", "pass the model.pt that `fastmnist train` wrote")
+    ckpt = load_file(path, "model checkpoint", "pass the model.pt that `fastmnist train` wrote")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_kwargs" not in ckpt:
         raise CheckpointError(f"{path}: not a fastmnist model checkpoint (expected a dict with state_dict and model_kwargs)")
     if ckpt.get("format") != MODEL_FORMAT:
@@ -173,11 +60,11 @@ def load_model(path, device="cpu"):
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise CheckpointError(
-            f"{path}: does not fit the model it names ({_first_line(exc)}); "
+            f"{path}: does not fit the model it names ({first_line(exc)}); "
             "was it saved by another version or for another model?"
         ) from None
     check_finite(model, path)
-    return model.to(device, memory_format=torch.channels_last).eval(), ckpt["model_kwargs"]
+    return model.to(device, memory_format=MEMORY_FORMAT).eval(), ckpt["model_kwargs"]
 
 
 def check_finite(model: torch.nn.Module, path) -> None:

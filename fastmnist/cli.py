@@ -1,6 +1,7 @@
 """fastmnist command line: train, eval, predict."""
 import argparse
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -8,21 +9,26 @@ from pathlib import Path
 # One rule for imports: what the parser and main() need is imported here, once (train: TrainConfig's
 # defaults for --help; the error types), and that covers train and eval. Only fastmnist.predict, which
 # no other command uses, waits for its handler: it pulls in Pillow and torchvision (1.7 s measured).
-from fastmnist.checkpoint import CheckpointError, RunExistsError
+from fastmnist.checkpoint import CheckpointError
 from fastmnist.data import MNISTDataError
+from fastmnist.evaluation import evaluate_checkpoint
 from fastmnist.export import ExportError
+from fastmnist.files import OutputError
 from fastmnist.model import LAYOUTS
 from fastmnist.recipes import describe
-from fastmnist.report import ReportError, per_class_table, prepare_report_dir, summarize, write_report
-from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, evaluate_checkpoint, train
+from fastmnist.report import per_class_table, prepare_report_dir, summarize, write_report
+from fastmnist.runs import RunExistsError, RunInUseError
+from fastmnist.stopping import STOP, TrainingStopped
+from fastmnist.train import NonFiniteLoss, TrainConfig, train
 
 DEFAULTS = TrainConfig()  # seed, impl, device: the settings no model's recipe sets
 # What the user can act on, shown as one line (--debug adds the traceback): the package's own errors,
-# whose messages give the remedy; ValueError, which argument checks raise (--impl fused where this
+# whose messages give the remedy (OutputError: a full, read-only or forbidden disk); ValueError, which argument checks raise (--impl fused where this
 # build has no kernels, --device cuda without a GPU); and Ctrl-C (TrainingAborted is a second one).
 # predict's ImageError never gets here: each bad image is its own result line. Anything else, a
 # RuntimeError from a kernel included, is a bug and keeps its traceback.
-USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, ReportError, ExportError, ValueError, KeyboardInterrupt)
+USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, RunInUseError, OutputError, ExportError, ValueError,
+               KeyboardInterrupt)
 
 
 def _number(kind, low, high=None, low_open=False):
@@ -53,6 +59,41 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the network. Writes metrics.json, model.pt, curves.png and a "
                        "resumable checkpoint.pt (after every epoch) to --out. Ctrl-C saves and prints "
                        "the command that resumes.")
+    add_train_arguments(t)
+
+    e = sub.add_parser("eval", help="test accuracy of a saved model, overall and per digit",
+                       description="Print the MNIST test accuracy of a model.pt, overall and per digit (with the "
+                       "digit each is most often mistaken for).")
+    e.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
+    e.add_argument("--data-dir", help="folder with the MNIST files (see train --data-dir)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--report", metavar="DIR", help="also write report.json (per-digit counts, confusion matrix, "
+                   "every mistake), confusion.png and mistakes.png (every misclassified digit) to DIR, created "
+                   "if needed; the PNGs need matplotlib")
+
+    p = sub.add_parser("predict", help="classify your own digit images",
+                       description="Classify images of handwritten digits (PNG, JPEG, GIF, BMP or WebP, any size, dark-on-light "
+                       "or light-on-dark); each is brought to MNIST's convention first.")
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    x = sub.add_parser("export", help="write a model as ONNX (or torch.export .pt2), checked on the test set",
+                       description="Write a trained model for use without fastmnist: standard ONNX ops (opset 18), "
+                       "BN folded, a dynamic batch; input images (N, 1, 28, 28) float in [0, 1], output probabilities "
+                       "(N, 10). Before writing, the exported model must give the same digit as the PyTorch model on "
+                       "all 10,000 MNIST test images, else nothing is written. ONNX needs the `export` extra.")
+    x.add_argument("model", help="a model.pt written by fastmnist train, or its run folder")
+    x.add_argument("-o", "--out", required=True, help="the file to write, e.g. model.onnx")
+    x.add_argument("--format", choices=["onnx", "pt2"], help="onnx, or pt2 (torch.export, for PyTorch-only "
+                   "deployment); default: pt2 when --out ends in .pt2, else onnx")
+    x.add_argument("--data-dir", help="folder with the MNIST files for the check (see train --data-dir)")
+    return parser
+
+
+def add_train_arguments(t: argparse.ArgumentParser) -> None:
+    """train's flags: the recipe's settings (default None: the model's recipe decides), then the run's."""
     t.add_argument("--epochs", type=_number(int, 1, 1000), default=None,
                    help=f"passes over the 60,000 training images (default {describe('epochs')})")
     t.add_argument("--batch-size", type=_number(int, 2, 60000), default=None,
@@ -90,36 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit-test", type=_number(int, 1), help="use only the first N test images (smoke tests)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    e = sub.add_parser("eval", help="test accuracy of a saved model, overall and per digit",
-                       description="Print the MNIST test accuracy of a model.pt, overall and per digit (with the "
-                       "digit each is most often mistaken for).")
-    e.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
-    e.add_argument("--data-dir", help="folder with the MNIST files (see train --data-dir)")
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    e.add_argument("--report", metavar="DIR", help="also write report.json (per-digit counts, confusion matrix, "
-                   "every mistake), confusion.png and mistakes.png (every misclassified digit) to DIR, created "
-                   "if needed; the PNGs need matplotlib")
-
-    p = sub.add_parser("predict", help="classify your own digit images",
-                       description="Classify images of handwritten digits (PNG or JPEG, any size, dark-on-light "
-                       "or light-on-dark); each is brought to MNIST's convention first.")
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by fastmnist train")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-
-    x = sub.add_parser("export", help="write a model as ONNX (or torch.export .pt2), checked on the test set",
-                       description="Write a trained model for use without fastmnist: standard ONNX ops (opset 18), "
-                       "BN folded, a dynamic batch; input images (N, 1, 28, 28) float in [0, 1], output probabilities "
-                       "(N, 10). Before writing, the exported model must give the same digit as the PyTorch model on "
-                       "all 10,000 MNIST test images, else nothing is written. ONNX needs the `export` extra.")
-    x.add_argument("model", help="a model.pt written by fastmnist train, or its run folder")
-    x.add_argument("-o", "--out", required=True, help="the file to write, e.g. model.onnx")
-    x.add_argument("--format", choices=["onnx", "pt2"], help="onnx, or pt2 (torch.export, for PyTorch-only "
-                   "deployment); default: pt2 when --out ends in .pt2, else onnx")
-    x.add_argument("--data-dir", help="folder with the MNIST files for the check (see train --data-dir)")
-    return parser
-
 
 # The train flags that set TrainConfig fields: their parser default is None, so that
 # cmd_train knows which the user gave (a resumed run keeps its saved settings).
@@ -139,7 +150,7 @@ def cmd_train(args) -> int:
                 "cannot be applied (changing them mid-run would make another run); drop them, or start a new "
                 "run with --out NEW_DIR"
             )
-    # No --out: train.run_folder names a new folder under runs/.
+    # No --out: runs.run_folder names a new folder under runs/.
     # What the user did not give comes from the model's recipe (TrainConfig fills it in).
     cfg = TrainConfig(**given, data_dir=args.data_dir, out=args.resume or args.out,
                       progress=args.progress and sys.stderr.isatty())
@@ -186,21 +197,35 @@ def cmd_export(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export}[args.command]
+    # Ctrl-C and SIGTERM are held from the first line (fastmnist.stopping), before anything is parsed or
+    # touched, so that train can act on one however early it comes; the other commands get Python's
+    # usual handling back at once, with a signal held meanwhile delivered then.
+    STOP.install()
+    held = True
     try:
-        return handler(args)
-    except TrainingStopped as exc:
-        print(f"\nfastmnist: {exc}", file=sys.stderr)
-        return 130
-    except NonFiniteLoss as exc:
-        print(f"fastmnist: error: {exc}", file=sys.stderr)
-        return 1
-    except USER_ERRORS as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"fastmnist: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export}[args.command]
+        try:
+            if args.command != "train":
+                pending, held = STOP.signal, False
+                STOP.uninstall()
+                if pending:
+                    signal.raise_signal(getattr(signal, pending))
+            return handler(args)
+        except TrainingStopped as exc:
+            print(f"\nfastmnist: {exc}", file=sys.stderr)
+            return 130
+        except NonFiniteLoss as exc:
+            print(f"fastmnist: error: {exc}", file=sys.stderr)
+            return 1
+        except USER_ERRORS as exc:
+            if args.debug:
+                traceback.print_exc()
+            print(f"fastmnist: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+    finally:
+        if held:
+            STOP.uninstall()
 
 
 def one_line(exc: BaseException) -> str:

@@ -20,12 +20,12 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's name from /proc/cpuinfo, with its family and model numbers (a VM may show only "AMD EPYC",
     and the numbers tell Zen 3 from Zen 4); elsewhere what platform knows."""
     fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if not line.strip():

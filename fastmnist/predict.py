@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
+from fastmnist.errors import first_line
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
@@ -151,7 +152,7 @@ def decode_gray(data: bytes, path) -> torch.Tensor:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(path, f"over the limit of {MAX_PIXELS // 10**6} megapixels; pass a smaller image") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line
-        raise ImageError(path, f"not a readable image ({_first_line(exc)})") from None
+        raise ImageError(path, f"not a readable image ({first_line(exc)})") from None
 
 
 def image_to_gray(image: Image.Image, path="<image>") -> torch.Tensor:
@@ -201,11 +202,6 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     dtype = torch.float32 if image.mode == "F" else torch.uint8
     width, height = image.size
     return torch.frombuffer(bytearray(image.tobytes()), dtype=dtype).reshape(height, width).float()
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
 def _border(image: torch.Tensor) -> torch.Tensor:
@@ -285,7 +281,7 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
         except ImageError as exc:
             results.append({"file": str(name), "error": exc.reason})  # the caller prints the file
         except Exception as exc:  # a decoder's bug or MemoryError costs this file its answer, not the others
-            results.append({"file": str(name), "error": f"could not be processed ({_first_line(exc)})"})
+            results.append({"file": str(name), "error": f"could not be processed ({first_line(exc)})"})
     if digits:
         probs = classifier.probabilities(torch.stack(digits), check_finite=False)
         p, digit = probs.max(1)

