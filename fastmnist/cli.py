@@ -13,6 +13,7 @@ from fastmnist.checkpoint import CheckpointError
 from fastmnist.data import MNISTDataError
 from fastmnist.display import display_name, display_text, json_name
 from fastmnist.evaluation import evaluate_checkpoint
+from fastmnist.export import ExportError
 from fastmnist.files import OutputError
 from fastmnist.model import LAYOUTS
 from fastmnist.recipes import describe
@@ -27,7 +28,7 @@ DEFAULTS = TrainConfig()  # seed, impl, device: the settings no model's recipe s
 # build has no kernels, --device cuda without a GPU); and Ctrl-C (TrainingAborted is a second one).
 # predict's ImageError never gets here: each bad image is its own result line. Anything else, a
 # RuntimeError from a kernel included, is a bug and keeps its traceback.
-USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, RunInUseError, OutputError, ValueError,
+USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, RunInUseError, OutputError, ExportError, ValueError,
                KeyboardInterrupt)
 
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "using a fused Conv2d+ReLU+BatchNorm2d operator (C++ on the CPU, CUDA on the GPU).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,export}")
 
     t = sub.add_parser("train", help="train a model and report test accuracy per epoch",
                        description="Train the network. Writes metrics.json, model.pt, curves.png and a "
@@ -78,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    x = sub.add_parser("export", help="write a model as ONNX (or torch.export .pt2), checked on the test set",
+                       description="Write a trained model for use without fastmnist: standard ONNX ops (opset 18), "
+                       "BN folded, a dynamic batch; input images (N, 1, 28, 28) float in [0, 1], output probabilities "
+                       "(N, 10). Before writing, the exported model must give the same digit as the PyTorch model on "
+                       "all 10,000 MNIST test images, else nothing is written. ONNX needs the `export` extra.")
+    x.add_argument("model", help="a model.pt written by fastmnist train, or its run folder")
+    x.add_argument("-o", "--out", required=True, help="the file to write, e.g. model.onnx")
+    x.add_argument("--format", choices=["onnx", "pt2"], help="onnx, or pt2 (torch.export, for PyTorch-only "
+                   "deployment); default: pt2 when --out ends in .pt2, else onnx")
+    x.add_argument("--data-dir", help="folder with the MNIST files for the check (see train --data-dir)")
     return parser
 
 
@@ -188,6 +200,15 @@ def say(line: str) -> None:
     print(display_text(line))
 
 
+def cmd_export(args) -> int:
+    from fastmnist.export import export
+
+    fmt = args.format or ("pt2" if args.out.endswith(".pt2") else "onnx")
+    out = export(args.model, args.out, fmt, data_dir=args.data_dir)
+    print(f"fastmnist: wrote {display_name(out)} ({fmt}, {out.stat().st_size:,} bytes)")
+    return 0
+
+
 def main(argv=None) -> int:
     # Ctrl-C and SIGTERM are held from the first line (fastmnist.stopping), before anything is parsed or
     # touched, so that train can act on one however early it comes; the other commands get Python's
@@ -199,7 +220,7 @@ def main(argv=None) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+        handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export}[args.command]
         try:
             if args.command != "train":
                 pending, held = STOP.signal, False

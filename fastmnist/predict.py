@@ -25,11 +25,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
-from fastmnist.device import resolve_device
 from fastmnist.display import display_name
 from fastmnist.errors import first_line
-from fastmnist.model import MEMORY_FORMAT
-from fastmnist.model_file import load_model
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
@@ -159,12 +156,21 @@ def _png_rows_complete(data: bytes) -> bool:
 
 
 def _decode_gray(path: Path, notes: list) -> torch.Tensor:
-    """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced.
+    """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced."""
+    return decode_gray(_read_regular_file(path), path, notes)
+
+
+def decode_gray(data: bytes, path="<image>", notes: list = None) -> torch.Tensor:
+    """(H, W) float in [0, 1] from an image file's bytes (path names it in errors); see _decode_gray.
 
     What the decoder warns about the file (a damaged EXIF block, say: the image is read as stored) is
     appended to notes as our own words, never printed by the warnings machinery with Pillow's paths.
     """
-    data = _read_regular_file(path)
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(path, f"{len(data):,} bytes, over the limit of {MAX_FILE_BYTES:,} bytes for an image; "
+                         "pass a smaller image of the digit")
+    if not data:
+        raise ImageError(path, "empty file")
     try:
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
@@ -174,7 +180,8 @@ def _decode_gray(path: Path, notes: list) -> torch.Tensor:
             gray, scale = _flatten(_reduced(image))
             if turn is not None:
                 gray = gray.transpose(turn)
-        notes += _decoder_notes(warned)
+        if notes is not None:
+            notes += _decoder_notes(warned)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -184,6 +191,16 @@ def _decode_gray(path: Path, notes: list) -> torch.Tensor:
         raise ImageError(path, f"over the limit of {MAX_PIXELS // 10**6} megapixels; pass a smaller image") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line
         raise ImageError(path, f"not a readable image ({first_line(exc)})") from None
+    return _to_tensor(gray) / scale
+
+
+def image_to_gray(image: Image.Image, path="<image>") -> torch.Tensor:
+    """(H, W) float in [0, 1] from a decoded, upright Pillow image: transparency composited, large ones reduced."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(path, f"{width}x{height} pixels, over the limit of {MAX_PIXELS // 10**6} megapixels; "
+                         "pass a smaller image of the digit")
+    gray, scale = _flatten(_reduced(image))
     return _to_tensor(gray) / scale
 
 
@@ -317,7 +334,12 @@ def load_digit(path, notes: list = None) -> torch.Tensor:
     notes, when given, receives one line per thing the decoder warned about (the file was still read).
     """
     path = Path(path)
-    ink = _ink(_decode_gray(path, [] if notes is None else notes), path)
+    return digit_from_gray(_decode_gray(path, [] if notes is None else notes), path)
+
+
+def digit_from_gray(gray: torch.Tensor, path="<image>") -> torch.Tensor:
+    """A (H, W) grey image in [0, 1], either polarity, as a (1, 28, 28) MNIST-convention digit; see load_digit."""
+    ink = _ink(gray, path)
     return _centre_by_mass(_fit_box(ink)).clamp_(0.0, 1.0)[None].contiguous()
 
 
@@ -331,8 +353,9 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
     A bad checkpoint (or one whose weights are not finite) raises CheckpointError;
     a bad image only fails its own entry, whatever the decoder raised.
     """
-    device = resolve_device(device)
-    model, _ = load_model(checkpoint_path, device)
+    from fastmnist.api import load  # the one inference path under the CLI, the API and the web page
+
+    classifier = load(checkpoint_path, device)
     results, digits = [], []
     for name in image_paths:
         name, notes = os.fsdecode(name), []
@@ -346,8 +369,7 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
         if notes:
             results[-1]["warning"] = "; ".join(notes)
     if digits:
-        x = torch.stack(digits).to(device).contiguous(memory_format=MEMORY_FORMAT)
-        probs = F.softmax(model(x).float(), dim=1).cpu()
+        probs = classifier.probabilities(torch.stack(digits), check_finite=False)
         p, digit = probs.max(1)
         finite = torch.isfinite(probs).all(1)
         ok = (r for r in results if "error" not in r)
