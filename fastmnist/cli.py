@@ -1,4 +1,4 @@
-"""fastmnist command line: train, eval, predict."""
+"""fastmnist command line: train, eval, predict, serve."""
 import argparse
 import json
 import sys
@@ -12,6 +12,7 @@ from fastmnist.checkpoint import CheckpointError, RunExistsError
 from fastmnist.data import MNISTDataError
 from fastmnist.model import LAYOUTS
 from fastmnist.recipes import describe
+from fastmnist.serve import ServeError
 from fastmnist.report import ReportError, per_class_table, prepare_report_dir, summarize, write_report
 from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, evaluate_checkpoint, train
 
@@ -20,8 +21,9 @@ DEFAULTS = TrainConfig()  # seed, impl, device: the settings no model's recipe s
 # whose messages give the remedy; ValueError, which argument checks raise (--impl fused where this
 # build has no kernels, --device cuda without a GPU); and Ctrl-C (TrainingAborted is a second one).
 # predict's ImageError never gets here: each bad image is its own result line. Anything else, a
-# RuntimeError from a kernel included, is a bug and keeps its traceback.
-USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, ReportError, ValueError, KeyboardInterrupt)
+# RuntimeError from a kernel included, is a bug and keeps its traceback. (fastmnist.serve imports
+# no web framework itself: its ServeError can say how to install one.)
+USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, ReportError, ServeError, ValueError, KeyboardInterrupt)
 
 
 def _number(kind, low, high=None, low_open=False):
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "using a fused Conv2d+ReLU+BatchNorm2d operator (C++ on the CPU, CUDA on the GPU).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,serve}")
 
     t = sub.add_parser("train", help="train a model and report test accuracy per epoch",
                        description="Train the network. Writes metrics.json, model.pt, curves.png and a "
@@ -106,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    s = sub.add_parser("serve", help="draw digits in your browser and watch the model read them",
+                       description="Serve a web page to draw a digit on (or drop an image file) and watch the model "
+                       "read it live, with its 10 probabilities and the 28x28 image it saw; plus a JSON API "
+                       "(POST /api/predict, GET /api/model, GET /healthz; OpenAPI docs at /docs). Runs on the CPU "
+                       "until Ctrl-C. Needs the serve extra: pip install 'fastmnist[serve]'.")
+    s.add_argument("model", nargs="?", metavar="RUN_OR_MODEL",
+                   help="a run folder or a model.pt (default: the newest finished run under runs/)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only); 0.0.0.0 lets every machine "
+                   "that can reach this one use the page, with no login")
+    s.add_argument("--port", type=_number(int, 0, 65535), default=8000,
+                   help="port to listen on; 0 picks a free one (default 8000)")
+    s.add_argument("--client-timeout", type=_number(float, 0.0, 3600.0, low_open=True), default=10.0,
+                   metavar="SECONDS", help="seconds a client has to send a request's head, and again its body, "
+                   "before it is answered 408 and cut off (default 10)")
     return parser
 
 
@@ -164,9 +182,15 @@ def cmd_predict(args) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def cmd_serve(args) -> int:
+    from fastmnist.serve import run_server  # imports FastAPI and uvicorn: only this command needs them
+
+    return run_server(args.model, args.host, args.port, args.client_timeout)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except TrainingStopped as exc:
