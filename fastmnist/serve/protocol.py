@@ -111,7 +111,11 @@ class GuardedH11Protocol(H11Protocol):
         if not self._raw_transport.can_write_eof():
             self._raw_transport.close()
             return
-        self._raw_transport.write_eof()
+        try:
+            self._raw_transport.write_eof()
+        except OSError:  # the client is gone already (it reset the connection)
+            self._raw_transport.close()
+            return
         self._raw_transport.resume_reading()  # uvicorn pauses reading while a body waits for the app
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, self._raw_transport.close)
 
