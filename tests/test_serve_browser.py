@@ -174,6 +174,7 @@ def test_drawn_digits_are_read(page, mnist, tmp_path_factory):
         if n == 9:
             save_screenshot(page, tmp_path_factory)
         clear(page)
+    print(f"the page read {shown} for {labels}")
     assert sum(s == y for s, y in zip(shown, labels)) >= 9, f"page showed {shown} for {labels}"
 
 

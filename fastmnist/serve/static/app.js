@@ -269,7 +269,7 @@ const CARD_FIELDS = [
   ["parameters", "Parameters", (n) => n.toLocaleString("en")],
   ["test_accuracy", "Test accuracy", (a) => `${(100 * a).toFixed(2)}%`],
   ["kernel_path", "Kernel path", String],
-  ["path", "File", String],
+  ["path", "File", (p) => p.split(/[\\/]/).slice(-2).join("/")],  // the run folder and file, not the whole path
 ];
 
 async function loadCard() {
