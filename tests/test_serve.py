@@ -185,6 +185,8 @@ def hostile_cases(drawn_png):
     return {
         "empty body": (request_head(0), [], 0, 400, "empty"),
         "100 MiB body": (request_head(100 << 20), [mib] * 100, 0, 413, "over the limit"),
+        # Refused from the Content-Length alone: were the body awaited, this would end in a 408.
+        "100 MiB declared, none sent": (request_head(100 << 20), [], 0, 413, "104,857,600 bytes"),
         "100 MiB body, no Content-Length": (request_head(), chunked([mib] * 100), 0, 413, "over the limit"),
         "Content-Length over the body": (request_head(1000), [drawn_png[:10]], 0, 408, "did not arrive"),
         "Content-Length under the body": (request_head(10), [drawn_png], 0, 400, "not a readable image"),

@@ -4,6 +4,7 @@ the page: pen strokes on the canvas, clicks and keys, and what the page then sho
 Outside CI this file skips, saying why, where Chromium, its driver or Selenium is missing; under CI=true
 that is a failure (.ci/run installs chromium and chromium-driver with apt-get).
 """
+import base64
 import json
 import os
 import re
@@ -165,6 +166,7 @@ def clear(driver):
 def test_drawn_digits_are_read(page, mnist, tmp_path_factory):
     """Ten test digits (one of each), traced from their pixels and drawn with the mouse (and with a finger
     and a pen for two of them): the page must show the right digit for at least 9."""
+    page.execute_script(COUNT_REQUESTS)
     shown, labels = [], []
     for n, i in enumerate(one_of_each_digit(mnist.test_labels)):
         strokes = digit_strokes(mnist.test_images[i])
@@ -175,7 +177,22 @@ def test_drawn_digits_are_read(page, mnist, tmp_path_factory):
             save_screenshot(page, tmp_path_factory)
         clear(page)
     print(f"the page read {shown} for {labels}")
+    most, count = page.execute_script("return [window.mostInFlight, window.requestCount]")
+    assert most == 1, "never more than one request in flight"
+    assert 10 <= count < sum(len(digit_strokes(mnist.test_images[i])) for i in one_of_each_digit(mnist.test_labels)), \
+        "live, but debounced: fewer requests than strokes"
     assert sum(s == y for s, y in zip(shown, labels)) >= 9, f"page showed {shown} for {labels}"
+
+
+# Wraps the page's fetch to count the requests it makes and how many are out at once.
+COUNT_REQUESTS = """
+    window.mostInFlight = 0; window.requestCount = 0;
+    let out = 0;
+    const realFetch = window.fetch;
+    window.fetch = async (...args) => {
+      out++; window.requestCount++; window.mostInFlight = Math.max(window.mostInFlight, out);
+      try { return await realFetch(...args); } finally { out--; }
+    };"""
 
 
 def save_screenshot(driver, tmp_path_factory):
@@ -240,13 +257,27 @@ def test_upload_shows_what_fastmnist_predict_says(page, mnist, model, tmp_path):
     assert out.text == digit_said
     assert page.find_element("id", "confidence").text == f"p = {p_said}"
 
+    clear(page)  # the same file dropped on the canvas (a drop of a file cannot be made with the pointer)
+    page.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const drop = new DataTransfer();
+        drop.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+        document.getElementById("pad").dispatchEvent(new DragEvent("drop", { dataTransfer: drop, bubbles: true }));
+        """, base64.b64encode(path.read_bytes()).decode())
+    wait_until(page, lambda d: out.get_attribute("data-source") == "dropped.png"
+               and d.execute_script("return document.body.dataset.state") == "idle", "the dropped file's answer")
+    assert out.text == digit_said
+    assert page.find_element("id", "confidence").text == f"p = {p_said}"
+
 
 def test_the_page_fits_a_phone_and_still_reads_digits(page, mnist, tmp_path_factory):
     page.set_window_size(*PHONE)
-    width, scroll_width, canvas_right = page.execute_script(
-        "return [window.innerWidth, document.documentElement.scrollWidth,"
-        " document.getElementById('pad').getBoundingClientRect().right];")
+    width, height, scroll_width, canvas_right, answer_bottom = page.execute_script(
+        "return [window.innerWidth, window.innerHeight, document.documentElement.scrollWidth,"
+        " document.getElementById('pad').getBoundingClientRect().right,"
+        " document.getElementById('digit').getBoundingClientRect().bottom];")
     assert scroll_width <= width and canvas_right <= width, "no sideways scrolling on a phone"
+    assert answer_bottom <= height, "the answer is in view under the canvas while one draws"
     i = one_of_each_digit(mnist.test_labels)[2]
     strokes = digit_strokes(mnist.test_images[i])
     draw(page, strokes, pointer="touch")
