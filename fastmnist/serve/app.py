@@ -19,14 +19,13 @@ import os
 import time
 from importlib import resources
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-import anyio
 from starlette.exceptions import HTTPException
-from starlette.requests import Request as StarletteRequest
 
 from fastmnist.api import Classifier, InputError
 from fastmnist.predict import ImageError
@@ -95,7 +94,7 @@ async def file_from_form(request: Request, body: bytes) -> bytes:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:  # Starlette's parser, bounded in parts; the form's size is already bounded by read_body
-        form = await StarletteRequest(request.scope, replay).form(
+        form = await Request(request.scope, replay).form(
             max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS, max_part_size=MAX_BODY_BYTES)
     except HTTPException as exc:
         raise ClientError(400, f"not a usable multipart form ({exc.detail}); send one file") from None
