@@ -5,6 +5,7 @@ Python API (the command line calls the same functions):
     clf.predict(images)                     # digits and 10 probabilities per image
     fastmnist.train(epochs=1, out="runs/x") # the metrics dict `fastmnist train` writes
     fastmnist.evaluate("runs/x")            # test accuracy, overall and per digit
+    fastmnist.fuse(my_net)                  # my_net with our fused Conv+ReLU+BN / Conv+ReLU+AvgPool ops
 """
 __version__ = "0.1.0"
 
@@ -14,8 +15,9 @@ from fastmnist.ops import fused_available, fused_unavailable_reason  # noqa: E40
 # function bound after, and the name stays the function (the module: importlib.import_module).
 import fastmnist.train  # noqa: E402,F401
 from fastmnist.api import Classifier, InputError, ModelInfo, Predictions, evaluate, load, train  # noqa: E402
+from fastmnist.fusion import FuseReport, fuse  # noqa: E402
 
 __all__ = [
-    "load", "Classifier", "Predictions", "ModelInfo", "InputError", "train", "evaluate",
+    "load", "Classifier", "Predictions", "ModelInfo", "InputError", "train", "evaluate", "fuse", "FuseReport",
     "fused_available", "fused_unavailable_reason", "__version__",
 ]

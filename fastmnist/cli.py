@@ -1,4 +1,4 @@
-"""fastmnist command line: train, eval, predict, serve."""
+"""fastmnist command line: train, eval, predict, export, serve."""
 import argparse
 import json
 import sys
@@ -10,10 +10,11 @@ from pathlib import Path
 # no other command uses, waits for its handler: it pulls in Pillow and torchvision (1.7 s measured).
 from fastmnist.checkpoint import CheckpointError, RunExistsError
 from fastmnist.data import MNISTDataError
+from fastmnist.export import ExportError
 from fastmnist.model import LAYOUTS
 from fastmnist.recipes import describe
-from fastmnist.serve import ServeError
 from fastmnist.report import ReportError, per_class_table, prepare_report_dir, summarize, write_report
+from fastmnist.serve import ServeError
 from fastmnist.train import NonFiniteLoss, TrainConfig, TrainingStopped, evaluate_checkpoint, train
 
 DEFAULTS = TrainConfig()  # seed, impl, device: the settings no model's recipe sets
@@ -23,7 +24,8 @@ DEFAULTS = TrainConfig()  # seed, impl, device: the settings no model's recipe s
 # predict's ImageError never gets here: each bad image is its own result line. Anything else, a
 # RuntimeError from a kernel included, is a bug and keeps its traceback. (fastmnist.serve imports
 # no web framework itself: its ServeError can say how to install one.)
-USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, ReportError, ServeError, ValueError, KeyboardInterrupt)
+USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, ReportError, ExportError, ServeError, ValueError,
+               KeyboardInterrupt)
 
 
 def _number(kind, low, high=None, low_open=False):
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "using a fused Conv2d+ReLU+BatchNorm2d operator (C++ on the CPU, CUDA on the GPU).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,serve}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,export,serve}")
 
     t = sub.add_parser("train", help="train a model and report test accuracy per epoch",
                        description="Train the network. Writes metrics.json, model.pt, curves.png and a "
@@ -108,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    x = sub.add_parser("export", help="write a model as ONNX (or torch.export .pt2), checked on the test set",
+                       description="Write a trained model for use without fastmnist: standard ONNX ops (opset 18), "
+                       "BN folded, a dynamic batch; input images (N, 1, 28, 28) float in [0, 1], output probabilities "
+                       "(N, 10). Before writing, the exported model must give the same digit as the PyTorch model on "
+                       "all 10,000 MNIST test images, else nothing is written. ONNX needs the `export` extra.")
+    x.add_argument("model", help="a model.pt written by fastmnist train, or its run folder")
+    x.add_argument("-o", "--out", required=True, help="the file to write, e.g. model.onnx")
+    x.add_argument("--format", choices=["onnx", "pt2"], help="onnx, or pt2 (torch.export, for PyTorch-only "
+                   "deployment); default: pt2 when --out ends in .pt2, else onnx")
+    x.add_argument("--data-dir", help="folder with the MNIST files for the check (see train --data-dir)")
 
     s = sub.add_parser("serve", help="draw digits in your browser and watch the model read them",
                        description="Serve a web page to draw a digit on (or drop an image file) and watch the model "
@@ -182,6 +195,15 @@ def cmd_predict(args) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def cmd_export(args) -> int:
+    from fastmnist.export import export
+
+    fmt = args.format or ("pt2" if args.out.endswith(".pt2") else "onnx")
+    out = export(args.model, args.out, fmt, data_dir=args.data_dir)
+    print(f"fastmnist: wrote {out} ({fmt}, {out.stat().st_size:,} bytes)")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from fastmnist.serve import run_server  # imports FastAPI and uvicorn: only this command needs them
 
@@ -190,7 +212,8 @@ def cmd_serve(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
+               "serve": cmd_serve}[args.command]
     try:
         return handler(args)
     except TrainingStopped as exc:

@@ -66,27 +66,26 @@ class ConvReLUBN(nn.Module):
         if self.impl == "stock":
             y = self.bn(torch.relu(self.conv(x)))
             return F.dropout2d(y, self.dropout, training=True) if drop else y
-        bn = self.bn
-        use_batch_stats = self.training or not bn.track_running_stats
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if self.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average, as BatchNorm does
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        return ops.conv_relu_bn(
-            x,
-            self.conv.weight,
-            self.conv.bias,
-            bn.weight,
-            bn.bias,
-            bn.running_mean,
-            bn.running_var,
-            use_batch_stats,
-            momentum,
-            bn.eps,
-            self.conv.padding[0],
-            ops.dropout2d_scale(x, self.conv.out_channels, self.dropout) if drop else None,
-        )
+        scale = ops.dropout2d_scale(x, self.conv.out_channels, self.dropout) if drop else None
+        return fused_conv_relu_bn(x, self.conv, self.bn, scale)
+
+
+def fused_conv_relu_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, channel_scale=None) -> torch.Tensor:
+    """bn(relu(conv(x))) (times channel_scale) in one fastmnist::conv_relu_bn call, in bn's mode (training:
+    batch statistics, running statistics and num_batches_tracked updated, as nn.BatchNorm2d does).
+
+    conv runs with stride 1 and padding conv.padding[0]; bn must be affine and track running statistics.
+    ConvReLUBN and fastmnist.fuse both run their blocks through here.
+    """
+    use_batch_stats = bn.training or not bn.track_running_stats
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, as BatchNorm does
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    bias = conv.bias if conv.bias is not None else x.new_zeros(conv.out_channels)
+    return ops.conv_relu_bn(x, conv.weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                            use_batch_stats, momentum, bn.eps, conv.padding[0], channel_scale)
 
 
 class ConvPool(nn.Conv2d):

@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageChops, ImageOps, ImageStat, UnidentifiedImageError
 from torchvision.transforms.v2.functional import resize
 
-from fastmnist.checkpoint import load_model
-from fastmnist.device import resolve_device
 
 CANVAS = 28
 BOX = 20  # the digit's longer side, as in MNIST
@@ -276,8 +274,9 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
     A bad checkpoint (or one whose weights are not finite) raises CheckpointError;
     a bad image only fails its own entry, whatever the decoder raised.
     """
-    device = resolve_device(device)
-    model, _ = load_model(checkpoint_path, device)
+    from fastmnist.api import load  # the one inference path under the CLI, the API and the web page
+
+    classifier = load(checkpoint_path, device)
     results, digits = [], []
     for name in image_paths:
         try:
@@ -288,8 +287,7 @@ def predict_files(checkpoint_path, image_paths, device="auto") -> list:
         except Exception as exc:  # a decoder's bug or MemoryError costs this file its answer, not the others
             results.append({"file": str(name), "error": f"could not be processed ({_first_line(exc)})"})
     if digits:
-        x = torch.stack(digits).to(device).contiguous(memory_format=torch.channels_last)
-        probs = F.softmax(model(x).float(), dim=1).cpu()
+        probs = classifier.probabilities(torch.stack(digits), check_finite=False)
         p, digit = probs.max(1)
         finite = torch.isfinite(probs).all(1)
         ok = (r for r in results if "error" not in r)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import fastmnist
+import fastmnist.api
 from fastmnist.api import InputError, images_to_batch, inference_model
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.predict import ImageError, load_digit
@@ -109,8 +110,8 @@ def test_ten_thousand_images_run_as_batches_not_one_by_one(clf, mnist):
 def test_predict_on_the_test_set_gives_evals_accuracy_exactly(trained_run, mnist):
     clf = fastmnist.load(trained_run, device="cpu")
     report = fastmnist.evaluate(trained_run, data_dir=mnist[0], device="cpu")
-    accuracy = (clf.predict(mnist[1].test_images).digits == mnist[1].test_labels).float().mean().item()
-    assert accuracy == pytest.approx(report["test_acc"], abs=1e-12)
+    correct = (clf.predict(mnist[1].test_images).digits == mnist[1].test_labels).sum().item()
+    assert correct == report["correct"] == round(report["test_acc"] * 10_000)
     assert clf.info.test_accuracy == report["test_acc"] > 0.9
     assert report["per_class"][7]["digit"] == 7 and len(report["confusion"]) == 10
 
@@ -190,3 +191,59 @@ def test_bad_models_give_one_line_checkpoint_errors(tmp_path, untrained_model):
         assert "\n" not in str(info.value)
     with pytest.raises(InputError, match="device must be auto, cpu or cuda"):
         fastmnist.load(untrained_model, device="tpu")
+
+
+def test_train_refuses_what_the_command_line_refuses_with_the_same_reason(tmp_path):
+    for settings, pattern in (({"epochs": 0}, r"^epochs: 0 is out of range: must be >= 1"),
+                              ({"lr": -1.0}, r"^lr: -1.0 is out of range: must be > 0.0"),
+                              ({"model": "huge"}, r"^model: not one of the choices: 'huge'"),
+                              ({"device": "tpu"}, r"^device: not one of the choices")):
+        with pytest.raises(InputError, match=pattern) as info:
+            fastmnist.train(tmp_path / "run", **settings)
+        assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="resume=True continues the run .* drop epochs"):
+        fastmnist.train(tmp_path / "run", epochs=3, resume=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fastmnist_train_stays_the_function_when_its_module_is_imported():
+    import importlib
+
+    module = importlib.import_module("fastmnist.train")
+    from fastmnist import train
+
+    assert train is fastmnist.train is fastmnist.api.train and module.TrainConfig
+
+
+def test_evaluate_gives_one_line_errors(tmp_path, untrained_model):
+    with pytest.raises(CheckpointError, match="no such model checkpoint"):
+        fastmnist.evaluate(tmp_path / "missing.pt", device="cpu")
+    with pytest.raises(InputError, match="device must be auto, cpu or cuda"):
+        fastmnist.evaluate(untrained_model, device="tpu")
+
+
+# ---- the README's Python session, run as written -----------------------------------------------------
+
+def readme_session() -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- python-session -->\s*```python\n(.*?)```\s*<!-- /python-session -->", text, re.S)
+    assert block, "README.md has no ```python block between <!-- python-session --> and <!-- /python-session -->"
+    return block[1]
+
+
+@pytest.mark.slow  # trains one epoch on all 60,000 images and exports
+def test_the_readme_python_session_runs_as_written(mnist_dir, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the session exports ONNX: the `export` extra")
+    env = {"PATH": "", "HOME": str(tmp_path), "FASTMNIST_DATA": mnist_dir, "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}  # one thread: on a busy shared machine more only spin
+    result = subprocess.run([sys.executable, "-c", readme_session()], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("Classifier('runs/demo/model.pt': default, 18,410 parameters") for line in lines)
+    accuracy = [line for line in lines if re.fullmatch(r"0\.\d+ torch.Size\(\[10000, 10\]\)", line)]
+    assert accuracy and float(accuracy[0].split()[0]) == pytest.approx(float(lines[lines.index(accuracy[0]) + 1]))
+    assert "[7, 7] torch.Size([28, 28])" in lines
+    assert "  fused: 0 -> 1 -> 2 (conv_relu_bn)" in lines
+    assert "  stock: 3: stride (2, 2): the fused ops run stride 1" in lines
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "runs/demo/metrics.json").is_file()

@@ -367,7 +367,9 @@ def test_non_finite_output_is_an_error_never_a_nan_probability(untrained_model, 
         def forward(self, x):
             return torch.full((x.shape[0], 10), float("nan"))
 
-    monkeypatch.setattr(predict, "load_model", lambda path, device: (Broken(), {}))
+    import fastmnist.api as api  # predict_files runs its model through fastmnist.load's Classifier
+
+    monkeypatch.setattr(api, "load_model", lambda path, device: (Broken(), {}))
     results = predict_files(untrained_model, [save_gray(seven(), tmp_path / "seven.png")], device="cpu")
     assert "not finite" in results[0]["error"] and "probability" not in results[0]
     json.dumps(results, allow_nan=False)  # valid JSON
