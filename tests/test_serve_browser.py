@@ -24,6 +24,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
 DESKTOP, PHONE = (1100, 1000), (390, 844)
+pytestmark = pytest.mark.slow  # trains a model (serve_support.trained_model)
 
 
 def missing_browser():
