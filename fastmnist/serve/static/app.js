@@ -19,6 +19,7 @@ const fileInput = document.getElementById("file");
 
 let strokes = [];          // each stroke: [[x, y], ...] in canvas units
 let current = null;        // the stroke under the pointer
+let pen = null;            // that pointer's id: a second finger on the canvas is ignored
 let background = null;     // an uploaded image shown on the canvas (an ImageBitmap)
 let version = 0;           // bumped on every change; an answer for an older version is stale
 let timer = null;          // the debounce timer
@@ -72,8 +73,9 @@ function segment(a, b) {
 }
 
 pad.addEventListener("pointerdown", (e) => {
-  if (e.pointerType === "mouse" && e.button !== 0) return;
+  if (current || (e.pointerType === "mouse" && e.button !== 0)) return;
   e.preventDefault();
+  pen = e.pointerId;
   pad.focus();
   pad.setPointerCapture(e.pointerId);
   if (background) {  // drawing starts anew over an uploaded image
@@ -88,7 +90,7 @@ pad.addEventListener("pointerdown", (e) => {
 });
 
 pad.addEventListener("pointermove", (e) => {
-  if (!current) return;
+  if (!current || e.pointerId !== pen) return;
   const events = e.getCoalescedEvents ? e.getCoalescedEvents() : [e];
   for (const ev of events.length ? events : [e]) {
     const p = canvasPoint(ev);
@@ -98,8 +100,8 @@ pad.addEventListener("pointermove", (e) => {
   changed();
 });
 
-function endStroke() {
-  if (!current) return;
+function endStroke(e) {
+  if (!current || e.pointerId !== pen) return;
   current = null;
   changed();
 }
