@@ -237,6 +237,15 @@ def test_hostile_requests_get_a_4xx_and_one_line_json(server, drawn, case):
     assert get_json(api(server, "healthz")) == (200, {"status": "ok"}), "the server still answers"
 
 
+@pytest.mark.slow  # the model fixture trains
+def test_a_client_that_sends_all_before_reading_gets_its_413(server):
+    """urllib, like most clients, sends the whole body before it reads the answer; the server, having refused
+    the body from its Content-Length, must keep reading (and discarding) long enough for the 413 to arrive,
+    not reset the connection under it."""
+    status, answer = post_png(api(server, "api/predict"), b"\0" * (20 << 20))
+    assert status == 413 and "over the limit" in answer["error"]
+
+
 # ---- the command -----------------------------------------------------------------------------------------
 
 def test_serve_without_a_finished_run_says_to_train_first(tmp_path):

@@ -9,7 +9,8 @@
 2. Lingering close. A server that refuses a body (413) or times it out (408)
    closes the connection with the client's unread bytes still queued, and the
    kernel then sends a reset that can destroy the response before the client
-   reads it: the client sees "connection reset" instead of the reason. So a
+   reads it: the client sees "connection reset" instead of the reason (measured:
+   urllib sending a 9 MiB body, as most clients do, before reading). So a
    close first ends our side (FIN) and reads and discards what still comes, for
    at most LINGER_SECONDS or LINGER_BYTES (nginx's lingering_close does the same).
 3. JSON errors. A request h11 cannot parse (a bad Content-Length, a broken
@@ -23,7 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from fastmnist.serve.limits import CLIENT_TIMEOUT, MAX_BODY_BYTES
 
 LINGER_SECONDS = 2.0
-LINGER_BYTES = MAX_BODY_BYTES
+LINGER_BYTES = 4 * MAX_BODY_BYTES  # a body up to about 5x the limit still gets its 413 read
 
 
 def raw_json_response(status: int, reason: str, message: str) -> bytes:
