@@ -9,7 +9,9 @@ import anyio
 from starlette.requests import ClientDisconnect, Request
 
 MAX_BODY_BYTES = 8 << 20  # 8 MiB
-CLIENT_TIMEOUT = 10.0  # seconds for a request's head, and again for its body: enough on any link for 8 MiB
+# Seconds for a request's head, and again for its body. A drawn digit is a few kilobytes; a full 8 MiB
+# in 10 s needs 7 Mbit/s, so a slow link sending large photos needs a longer --client-timeout.
+CLIENT_TIMEOUT = 10.0
 MAX_FORM_PARTS = 4  # an upload is one file; a few more parts are refused with a message, not parsed by the 1,000
 
 

@@ -64,7 +64,6 @@ def listen(host: str, port: int) -> socket.socket:
             raise ServeError(f"not allowed to listen on port {port} (ports below 1024 need root); "
                              "pass --port 8000 or another above 1024") from None
         raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --host or --port") from None
-    sock.set_inheritable(True)
     return sock
 
 
