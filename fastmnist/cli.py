@@ -1,4 +1,4 @@
-"""fastmnist command line: train, eval, predict."""
+"""fastmnist command line: train, eval, predict, export, serve."""
 import argparse
 import json
 import signal
@@ -19,6 +19,7 @@ from fastmnist.model import LAYOUTS
 from fastmnist.recipes import describe
 from fastmnist.report import per_class_table, prepare_report_dir, summarize, write_report
 from fastmnist.runs import RunExistsError, RunInUseError
+from fastmnist.serve import ServeError
 from fastmnist.stopping import STOP, TrainingStopped
 from fastmnist.train import NonFiniteLoss, TrainConfig, train
 
@@ -27,8 +28,10 @@ DEFAULTS = TrainConfig()  # seed, impl, device: the settings no model's recipe s
 # whose messages give the remedy (OutputError: a full, read-only or forbidden disk); ValueError, which argument checks raise (--impl fused where this
 # build has no kernels, --device cuda without a GPU); and Ctrl-C (TrainingAborted is a second one).
 # predict's ImageError never gets here: each bad image is its own result line. Anything else, a
-# RuntimeError from a kernel included, is a bug and keeps its traceback.
-USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, RunInUseError, OutputError, ExportError, ValueError,
+# RuntimeError from a kernel included, is a bug and keeps its traceback. (fastmnist.serve imports
+# no web framework itself: its ServeError can say how to install one.)
+USER_ERRORS = (MNISTDataError, CheckpointError, RunExistsError, RunInUseError, OutputError, ExportError, ServeError,
+               ValueError,
                KeyboardInterrupt)
 
 
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "using a fused Conv2d+ReLU+BatchNorm2d operator (C++ on the CPU, CUDA on the GPU).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,export,serve}")
 
     t = sub.add_parser("train", help="train a model and report test accuracy per epoch",
                        description="Train the network. Writes metrics.json, model.pt, curves.png and a "
@@ -90,7 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["onnx", "pt2"], help="onnx, or pt2 (torch.export, for PyTorch-only "
                    "deployment); default: pt2 when --out ends in .pt2, else onnx")
     x.add_argument("--data-dir", help="folder with the MNIST files for the check (see train --data-dir)")
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="draw digits in your browser and watch the model read them",
+                       description="Serve a web page to draw a digit on (or drop an image file) and watch the model "
+                       "read it live, with its 10 probabilities and the 28x28 image it saw; plus a JSON API "
+                       "(POST /api/predict, GET /api/model, GET /healthz; OpenAPI docs at /docs). Runs on the CPU "
+                       "until Ctrl-C. Needs the serve extra: pip install 'fastmnist[serve]'.")
+    s.add_argument("model", nargs="?", metavar="RUN_OR_MODEL",
+                   help="a run folder or a model.pt (default: the newest finished run under runs/)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only); 0.0.0.0 lets every machine "
+                   "that can reach this one use the page, with no login")
+    s.add_argument("--port", type=_number(int, 0, 65535), default=8000,
+                   help="port to listen on; 0 picks a free one (default 8000)")
+    s.add_argument("--client-timeout", type=_number(float, 0.0, 3600.0, low_open=True), default=10.0,
+                   metavar="SECONDS", help="seconds a client has to send a request's head, and again its body, "
+                   "before it is answered 408 and cut off (default 10)")
 
 
 def add_train_arguments(t: argparse.ArgumentParser) -> None:
@@ -209,6 +231,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from fastmnist.serve import run_server  # imports FastAPI and uvicorn: only this command needs them
+
+    return run_server(args.model, args.host, args.port, args.client_timeout)
+
+
 def main(argv=None) -> int:
     # Ctrl-C and SIGTERM are held from the first line (fastmnist.stopping), before anything is parsed or
     # touched, so that train can act on one however early it comes; the other commands get Python's
@@ -220,7 +248,8 @@ def main(argv=None) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
-        handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export}[args.command]
+        handler = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
+                   "serve": cmd_serve}[args.command]
         try:
             if args.command != "train":
                 pending, held = STOP.signal, False
