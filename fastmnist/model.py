@@ -61,8 +61,8 @@ def _layers(impl, dropout, device, layout):
 # "default" (18,410 parameters, 3.2 M) and "tiny" (7,506, 1.1 M) pool after two blocks instead: their
 # last block sees 18 pixels and three blocks work on a quarter of the pixels. On seed 3 that layout took
 # the default network from 99.37% to 99.52% at 10 epochs (the earlier, reference-shaped default had
-# 18,458 parameters and 6.1 M multiply-adds) and the tiny one from 99.23% to 99.34% at 15: README,
-# "Recipe". Every width is a multiple of 8, so the CPU tiles run each block without padding. How each
+# 18,458 parameters and 6.1 M multiply-adds) and the tiny one from 99.23% to 99.34% at 15: docs/recipe.md,
+# "What was tried". Every width is a multiple of 8, so the CPU tiles run each block without padding. How each
 # model is trained (epochs, EMA, ...) is fastmnist.recipes.
 LAYOUTS = {
     "default": ((16, 24), 16, (24, 24, 24)),

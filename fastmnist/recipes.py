@@ -1,7 +1,7 @@
 """How each model is trained: the settings `fastmnist train --model NAME` uses when no flag overrides them.
 
-One recipe per model, in one place. The README's "Recipe" section gives the
-measurement behind each choice (benchmarks/results/recipe/ holds the runs).
+One recipe per model, in one place. docs/recipe.md gives the measurement behind each choice
+("What was tried"; benchmarks/results/recipe/ holds the runs).
 """
 
 # The default network's recipe; the other models differ only where noted.
@@ -13,7 +13,7 @@ _BASE = {
     "weight_decay": 5e-5,
     "pct_start": 0.2,  # one-cycle warm-up fraction
     "dropout": 0.0,  # Dropout2d after each 3x3 block: off, it cost accuracy in runs this short
-    "label_smoothing": 0.0,  # 0.1 cost 0.02-0.10 points in each of four runs (README, "What was tried")
+    "label_smoothing": 0.0,  # 0.1 cost 0.02-0.10 points in each of four runs (docs/recipe.md, "What was tried")
     "ema_decay": 0.999,  # per step; the average is what is evaluated and saved; 0 turns it off
     "augment": True,  # rotation 8 deg, scale 5%, shift 8%
 }

@@ -173,7 +173,7 @@ def what_was_kept(out: Path, restored: bool) -> str:
 
 
 def stop_here(run, signal_name: str) -> None:
-    """A signal stopped a fastmnist.train.Run: save its position and raise TrainingStopped saying so.
+    """A signal stopped a fastmnist.training_state.Run: save its position and raise TrainingStopped saying so.
 
     A replacing run stopped before its first epoch ended saves nothing: claim
     puts the old run back as the exception leaves, and the message says so.

@@ -1,4 +1,4 @@
-// The tile loops of csrc/cpu/conv_tiles_kernels.h at the AVX-512 build's tile shapes, run with AVX2
+// The tile loops of csrc/cpu/engine/conv_tiles_kernels.h at the AVX-512 build's tile shapes, run with AVX2
 // instructions, against a direct convolution in double: on a CPU without AVX-512 this still checks
 // everything of that build but its eight intrinsic wrappers (16-lane blocks with 32 registers, 8-lane
 // blocks with 32 registers, several channel blocks, tiles that wrap across rows, the remainder tiles,
