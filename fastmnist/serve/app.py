@@ -127,30 +127,7 @@ def create_app(classifier: Classifier, client_timeout: float = CLIENT_TIMEOUT, w
                   version=classifier.info.fastmnist_version, redoc_url=None)
     static = static_files()
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        if not request.url.path.startswith("/docs"):  # the OpenAPI page loads its script from a CDN
-            response.headers.update(SECURITY_HEADERS)
-        return response
-
-    @app.exception_handler(ClientError)
-    async def client_error(request, exc: ClientError):
-        return error(exc.status, exc.message, CLOSE if exc.status in (408, 413) else None)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
-        messages = {404: f"no such page: {request.url.path}", 405: f"{request.method} is not allowed here"}
-        return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc: RequestValidationError):
-        return error(422, f"invalid request: {exc.errors()[0].get('msg', 'see /docs')}")
-
-    @app.exception_handler(Exception)
-    async def server_error(request, exc: Exception):  # a bug: logged in full here, one line for the client
-        log.exception("fastmnist serve: %s %s failed", request.method, request.url.path)
-        return error(500, f"the server failed on this request ({type(exc).__name__}); its log has the details")
+    add_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -187,3 +164,31 @@ def create_app(classifier: Classifier, client_timeout: float = CLIENT_TIMEOUT, w
             raise ClientError(400, getattr(exc, "reason", str(exc))) from None
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Security headers on every answer but /docs, and every error as one line of JSON with its status."""
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        if not request.url.path.startswith("/docs"):  # the OpenAPI page loads its script from a CDN
+            response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @app.exception_handler(ClientError)
+    async def client_error(request, exc: ClientError):
+        return error(exc.status, exc.message, CLOSE if exc.status in (408, 413) else None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        messages = {404: f"no such page: {request.url.path}", 405: f"{request.method} is not allowed here"}
+        return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        return error(422, f"invalid request: {exc.errors()[0].get('msg', 'see /docs')}")
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):  # a bug: logged in full here, one line for the client
+        log.exception("fastmnist serve: %s %s failed", request.method, request.url.path)
+        return error(500, f"the server failed on this request ({type(exc).__name__}); its log has the details")
