@@ -11,12 +11,9 @@ step time of each variant with its ratio to stock channels_last.
     python benchmarks/fuse_speed.py [--device cpu|cuda] [--rounds 30] [--warmup 2] [--steps 4] [--batch-size 128]
 """
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,11 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from epoch_time import StepTimer, git_commit  # noqa: E402  (one timer and one commit record for every benchmark)
+from record import interleaved_step_times, machine_line, machine_meta, step_summary, write_record  # noqa: E402
 
 import fastmnist  # noqa: E402
 from fastmnist import ops  # noqa: E402
-from fastmnist.device import cpu_model  # noqa: E402
 
 BASE = "stock channels_last"
 
@@ -85,25 +81,15 @@ def main():
     variants = {"stock eager (NCHW)": (False, torch.contiguous_format), BASE: (False, torch.channels_last),
                 "fused (fastmnist.fuse, channels_last)": (True, torch.channels_last)}
     steps = {name: make_step(fused, fmt, device) for name, (fused, fmt) in variants.items()}
-    timer, samples = StepTimer(device), {name: [] for name in variants}
-    for rnd in range(args.rounds):
-        for name, step in steps.items():  # interleaved: drift in machine speed hits every variant alike
-            times = [timer(lambda: step(x, y)) for x, y in batches]
-            if rnd >= args.warmup:
-                samples[name] += times
+    samples = interleaved_step_times(steps, batches, args.rounds, args.warmup, device)
 
     base = statistics.median(samples[BASE])
     rows = []
     for name, ts in samples.items():
-        q = statistics.quantiles(ts, n=4)
-        rows.append({"variant": name, "median_step_ms": 1e3 * statistics.median(ts), "iqr_ms": [1e3 * q[0], 1e3 * q[2]],
+        rows.append({"variant": name, **step_summary(ts),
                      "ratio_to_stock_channels_last": statistics.median(ts) / base, "samples": len(ts)})
     meta = {
-        "benchmark": "fuse_speed", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "device": args.device,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **machine_meta("fuse_speed", device),
         "fused_cpu_kernel_path": ops.cpu_kernel_path(),
         "network": "wide_padded: conv3x3(1->32,p1)-relu-bn, conv3x3(32->64,p1)-relu-bn, avgpool2, "
                    "conv3x3(64->64,p1)-relu-bn, conv3x3(64->64,p1,no bias)-relu-avgpool2, linear(3136->10)",
@@ -113,13 +99,9 @@ def main():
         "method": "median of per-step times, variants interleaved round by round on the same batches; "
                   f"{args.warmup} warm-up rounds excluded; CUDA events on the GPU",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"fuse_speed-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    path = write_record(args.out, f"fuse_speed-{args.device}", {"meta": meta, "results": rows})
 
-    print(f"\n{meta['device_name']} ({args.device}, {meta['torch_threads']} threads, {meta['cpu_capability']}), "
-          f"torch {meta['torch']}, commit {meta['git_commit']}, batch {args.batch_size}, "
+    print(f"\n{machine_line(meta)}, batch {args.batch_size}, "
           f"{len(samples[BASE])} timed steps per variant")
     print(f"| variant | median step (ms) | IQR (ms) | vs {BASE} |")
     print("|---|---|---|---|")
