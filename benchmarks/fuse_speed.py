@@ -1,6 +1,6 @@
 """Time a training step of a network nobody designed for fastmnist, stock and through fastmnist.fuse.
 
-The network is the padded 32/64-channel net of tests/test_fusion.py (wide_padded): four 3x3
+The network is the padded 32/64-channel net below, which tests/test_fusion.py checks too: four 3x3
 convolutions with padding 1, three Conv-ReLU-BN blocks and one Conv-ReLU-AvgPool, a linear
 classifier; fuse() replaces all four runs. The variants (stock NCHW, stock channels_last, fused)
 take SGD steps on the same random 28x28 batches, interleaved round by round so that the
@@ -30,7 +30,7 @@ BASE = "stock channels_last"
 
 
 def wide_padded_net() -> nn.Module:
-    """The padded 32/64-channel net (tests/test_fusion.py: wide_padded)."""
+    """The padded 32/64-channel net (tests/test_fusion.py checks fuse on it as wide_padded)."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.AvgPool2d(2),

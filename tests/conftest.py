@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +8,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_module(name: str, path: Path):
+    """The Python file at PATH as a module named NAME: benchmarks/ holds scripts, not a package, and a test may
+    read fastmnist/recipes.py without importing the package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args, timeout=300):
