@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import interleaved_step_times, machine_line, machine_meta, step_summary, write_record  # noqa: E402
+from record import (interleaved_step_times, machine_line, machine_meta, print_step_table, step_summary,  # noqa: E402
+                    timing_method, write_record)
 
 from fastmnist import ops  # noqa: E402
 from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_images  # noqa: E402
@@ -146,18 +147,15 @@ def main():
         "images": "random" if args.random_images else "mnist",
         "rounds": args.rounds, "warmup_rounds": args.warmup, "rounds_timed": args.rounds - args.warmup,
         "steps_per_round": args.steps,
-        "method": f"median of per-step times, variants interleaved round by round on the same batches; "
-                  f"{args.warmup} warm-up rounds excluded; CUDA events on the GPU",
+        "method": timing_method(args.warmup),
     }
     path = write_record(args.out, f"epoch_time-{args.device}", {"meta": meta, "results": rows})
 
     print(f"\n{machine_line(meta)}, batch {args.batch_size}, {meta['images']} images, "
           f"{len(samples['stock eager (NCHW)'])} timed steps per variant")
-    print("| variant | median step (ms) | IQR (ms) | epoch (s) | vs stock eager | first call (s) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['median_step_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
-              f"{r['epoch_seconds']:.1f} | {r['ratio_to_stock_eager']:.2f}x | {r['first_call_seconds']:.1f} |")
+    print_step_table(rows, [("epoch (s)", lambda r: f"{r['epoch_seconds']:.1f}"),
+                            ("vs stock eager", lambda r: f"{r['ratio_to_stock_eager']:.2f}x"),
+                            ("first call (s)", lambda r: f"{r['first_call_seconds']:.1f}")])
     print(f"\nwrote {path}")
 
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import interleaved_step_times, machine_line, machine_meta, step_summary, write_record  # noqa: E402
+from record import (interleaved_step_times, machine_line, machine_meta, print_step_table, step_summary,  # noqa: E402
+                    timing_method, write_record)
 
 import fastmnist  # noqa: E402
 from fastmnist import ops  # noqa: E402
@@ -96,18 +97,13 @@ def main():
         "step": "SGD (lr 0.05, momentum 0.9), cross-entropy, random 28x28 images",
         "batch_size": args.batch_size, "rounds": args.rounds, "warmup_rounds": args.warmup,
         "steps_per_round": args.steps,
-        "method": "median of per-step times, variants interleaved round by round on the same batches; "
-                  f"{args.warmup} warm-up rounds excluded; CUDA events on the GPU",
+        "method": timing_method(args.warmup),
     }
     path = write_record(args.out, f"fuse_speed-{args.device}", {"meta": meta, "results": rows})
 
     print(f"\n{machine_line(meta)}, batch {args.batch_size}, "
           f"{len(samples[BASE])} timed steps per variant")
-    print(f"| variant | median step (ms) | IQR (ms) | vs {BASE} |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['median_step_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
-              f"{r['ratio_to_stock_channels_last']:.2f}x |")
+    print_step_table(rows, [(f"vs {BASE}", lambda r: f"{r['ratio_to_stock_channels_last']:.2f}x")])
     print(f"\nwrote {path}")
 
 

@@ -64,6 +64,12 @@ def interleaved_step_times(steps, batches, rounds, warmup, device):
     return samples
 
 
+def timing_method(warmup):
+    """The record's `method`: how interleaved_step_times and StepTimer measured."""
+    return ("median of per-step times, variants interleaved round by round on the same batches; "
+            f"{warmup} warm-up rounds excluded; CUDA events on the GPU")
+
+
 def step_summary(times):
     """The median step time and its interquartile range, in milliseconds, as the records name them."""
     q = statistics.quantiles(times, n=4)
@@ -85,6 +91,15 @@ def machine_line(meta):
     """The first words of a timing report: the machine, its threads and capability, torch and the commit."""
     return (f"{meta['device_name']} ({meta['device']}, {meta['torch_threads']} threads, {meta['cpu_capability']}), "
             f"torch {meta['torch']}, commit {meta['git_commit']}")
+
+
+def print_step_table(rows, columns):
+    """Markdown table of step_summary rows: variant, median, IQR, then each (header, row -> text) of columns."""
+    print("| variant | median step (ms) | IQR (ms) | " + " | ".join(h for h, _ in columns) + " |")
+    print("|---" * (3 + len(columns)) + "|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['median_step_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
+              + " | ".join(cell(r) for _, cell in columns) + " |")
 
 
 def write_record(out, stem, result) -> Path:
