@@ -13,9 +13,7 @@ times on random pixels instead, and the JSON says so.
 Rounds are short (4 steps per variant) so that the machine's drift, which on
 a shared 2-core VM comes in bursts of seconds, falls on every variant alike.
 """
-import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -25,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import (interleaved_step_times, machine_line, machine_meta, print_step_table, step_summary,  # noqa: E402
-                    timing_method, write_record)
+from record import (add_out_argument, interleaved_step_times, machine_line, machine_meta,  # noqa: E402
+                    print_step_table, step_summary, timing_method, timing_parser, write_record)
 
 from fastmnist import ops  # noqa: E402
 from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_images  # noqa: E402
@@ -77,17 +75,12 @@ def _fused_sgd(device) -> bool:
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds, warm-up included")
-    parser.add_argument("--warmup", type=int, default=2, help="first rounds left out of the figures")
-    parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser = timing_parser(__doc__)
     parser.add_argument("--data-dir")
     parser.add_argument("--random-images", action="store_true",
                         help="time on random pixels instead of real MNIST (recorded in the JSON)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.warmup < 0 or args.steps < 1 or args.batch_size < 1:
         parser.error("--warmup must be >= 0, --steps and --batch-size >= 1")

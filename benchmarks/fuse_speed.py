@@ -10,8 +10,6 @@ step time of each variant with its ratio to stock channels_last.
 
     python benchmarks/fuse_speed.py [--device cpu|cuda] [--rounds 30] [--warmup 2] [--steps 4] [--batch-size 128]
 """
-import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import (interleaved_step_times, machine_line, machine_meta, print_step_table, step_summary,  # noqa: E402
-                    timing_method, write_record)
+from record import (add_out_argument, interleaved_step_times, machine_line, machine_meta,  # noqa: E402
+                    print_step_table, step_summary, timing_method, timing_parser, write_record)
 
 import fastmnist  # noqa: E402
 from fastmnist import ops  # noqa: E402
@@ -58,13 +56,8 @@ def make_step(fused: bool, memory_format, device):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds, warm-up included")
-    parser.add_argument("--warmup", type=int, default=2, help="first rounds left out of the figures")
-    parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    parser = timing_parser(__doc__)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.warmup < 0 or args.steps < 1 or args.batch_size < 2 or (args.rounds - args.warmup) * args.steps < 2:
         parser.error("need --warmup >= 0, --batch-size >= 2, and at least 2 timed steps per variant")

@@ -4,6 +4,7 @@ machine metadata (commit, CPU model, threads, capability) and where the JSON rec
 One home for each, so that two benchmarks never time or describe the machine in two ways; the scripts run
 as `python benchmarks/X.py` (benchmarks/ is then sys.path[0]) and import this module as `record`.
 """
+import argparse
 import datetime
 import json
 import os
@@ -17,6 +18,22 @@ import torch
 from fastmnist.device import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def timing_parser(description):
+    """The options of an interleaved step timing (interleaved_step_times); the script adds its own and --out."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="first rounds left out of the figures")
+    parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
+    parser.add_argument("--batch-size", type=int, default=128)
+    return parser
+
+
+def add_out_argument(parser):
+    """--out: where write_record puts the JSON (benchmarks/results/ unless $OUT or --out says otherwise)."""
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
 
 
 def git_commit():

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import git_commit, write_record  # noqa: E402
+from record import add_out_argument, git_commit, write_record  # noqa: E402
 
 from fastmnist.data import load_mnist  # noqa: E402
 from fastmnist.device import cpu_model  # noqa: E402
@@ -107,7 +107,7 @@ def parse_args():
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--warmup", type=int, default=50, help="requests before each level, not timed")
     parser.add_argument("--data-dir", help="MNIST folder (for the drawn digit)")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.requests < 2 or args.warmup < 0 or min(args.concurrency) < 1:
         parser.error("--requests must be >= 2, --warmup >= 0, each --concurrency >= 1")
