@@ -13,13 +13,8 @@ times on random pixels instead, and the JSON says so.
 Rounds are short (4 steps per variant) so that the machine's drift, which on
 a shared 2-core VM comes in bursts of seconds, falls on every variant alike.
 """
-import argparse
-import datetime
-import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,15 +22,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastmnist import ops
-from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_images
-from fastmnist.device import cpu_model
-from fastmnist.model import build_model
-from fastmnist.recipes import RECIPES
-from fastmnist.optim import nesterov_sgd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import (add_out_argument, interleaved_step_times, machine_line, machine_meta,  # noqa: E402
+                    print_step_table, step_summary, timing_method, timing_parser, write_record)
+
+from fastmnist import ops  # noqa: E402
+from fastmnist.data import MNISTDataError, load_mnist, random_affine, to_float_images  # noqa: E402
+from fastmnist.model import build_model  # noqa: E402
+from fastmnist.recipes import RECIPES  # noqa: E402
+from fastmnist.optim import nesterov_sgd  # noqa: E402
 
 MNIST_TRAIN_IMAGES = 60000
-REPO = Path(__file__).resolve().parent.parent
 
 
 def make_batches(n_batches, batch_size, device, data_dir, random_images):
@@ -77,49 +74,13 @@ def _fused_sgd(device) -> bool:
     return bool(nesterov_sgd([torch.zeros(1, device=device)], 0.1, 0.9, 0.0).defaults.get("fused"))
 
 
-class StepTimer:
-    """Wall time of one step: CUDA events on the GPU (no host clock without sync), perf_counter on the CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-
-def git_commit():
-    """The commit measured, with '-dirty' when the working tree differs from it; None outside git."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
-
-    head = git("rev-parse", "HEAD")
-    if head.returncode != 0:
-        return None
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds, warm-up included")
-    parser.add_argument("--warmup", type=int, default=2, help="first rounds left out of the figures")
-    parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser = timing_parser(__doc__)
     parser.add_argument("--data-dir")
     parser.add_argument("--random-images", action="store_true",
                         help="time on random pixels instead of real MNIST (recorded in the JSON)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.warmup < 0 or args.steps < 1 or args.batch_size < 1:
         parser.error("--warmup must be >= 0, --steps and --batch-size >= 1")
@@ -151,7 +112,7 @@ def main():
         batches = make_batches(args.steps, args.batch_size, device, args.data_dir, args.random_images)
     except MNISTDataError as exc:
         sys.exit(f"epoch_time: {exc}\n(or pass --random-images to time on random pixels)")
-    steps, timer, compile_seconds = {}, StepTimer(device), {}
+    steps, compile_seconds = {}, {}
     for name, spec in variants.items():
         steps[name] = make_variant(*spec, device)
         t0 = time.perf_counter()
@@ -160,52 +121,34 @@ def main():
             torch.cuda.synchronize()
         compile_seconds[name] = time.perf_counter() - t0
 
-    samples = {name: [] for name in variants}
-    for rnd in range(args.rounds):
-        for name, step in steps.items():  # interleaved: drift in machine speed hits every variant alike
-            times = [timer(lambda: step(x, y)) for x, y in batches]
-            if rnd >= args.warmup:
-                samples[name] += times
+    samples = interleaved_step_times(steps, batches, args.rounds, args.warmup, device)
 
     steps_per_epoch = math.ceil(MNIST_TRAIN_IMAGES / args.batch_size)
     base = statistics.median(samples["stock eager (NCHW)"])
     rows = []
     for name, ts in samples.items():
         med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4)
-        rows.append({"variant": name, "median_step_ms": 1e3 * med, "iqr_ms": [1e3 * q[0], 1e3 * q[2]],
+        rows.append({"variant": name, **step_summary(ts),
                      "mean_step_ms": 1e3 * statistics.fmean(ts), "stdev_ms": 1e3 * statistics.stdev(ts),
                      "epoch_seconds": med * steps_per_epoch, "ratio_to_stock_eager": med / base,
                      "first_call_seconds": compile_seconds[name], "samples": len(ts)})
     meta = {
-        "benchmark": "epoch_time", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "device": args.device,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **machine_meta("epoch_time", device),
         "fused_cpu_kernel_path": getattr(ops, "cpu_kernel_path", lambda: None)() if ops.fused_available() else None,
         "batch_size": args.batch_size, "steps_per_epoch": steps_per_epoch,
         "optimizer": "Nesterov SGD, fused" if _fused_sgd(device) else "Nesterov SGD, for-loop",
         "images": "random" if args.random_images else "mnist",
         "rounds": args.rounds, "warmup_rounds": args.warmup, "rounds_timed": args.rounds - args.warmup,
         "steps_per_round": args.steps,
-        "method": f"median of per-step times, variants interleaved round by round on the same batches; "
-                  f"{args.warmup} warm-up rounds excluded; CUDA events on the GPU",
+        "method": timing_method(args.warmup),
     }
-    result = {"meta": meta, "results": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"epoch_time-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_record(args.out, f"epoch_time-{args.device}", {"meta": meta, "results": rows})
 
-    print(f"\n{meta['device_name']} ({args.device}, {meta['torch_threads']} threads, {meta['cpu_capability']}), "
-          f"torch {meta['torch']}, commit {meta['git_commit']}, batch {args.batch_size}, {meta['images']} images, "
+    print(f"\n{machine_line(meta)}, batch {args.batch_size}, {meta['images']} images, "
           f"{len(samples['stock eager (NCHW)'])} timed steps per variant")
-    print("| variant | median step (ms) | IQR (ms) | epoch (s) | vs stock eager | first call (s) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['median_step_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
-              f"{r['epoch_seconds']:.1f} | {r['ratio_to_stock_eager']:.2f}x | {r['first_call_seconds']:.1f} |")
+    print_step_table(rows, [("epoch (s)", lambda r: f"{r['epoch_seconds']:.1f}"),
+                            ("vs stock eager", lambda r: f"{r['ratio_to_stock_eager']:.2f}x"),
+                            ("first call (s)", lambda r: f"{r['first_call_seconds']:.1f}")])
     print(f"\nwrote {path}")
 
 

@@ -1,6 +1,6 @@
 """Time a training step of a network nobody designed for fastmnist, stock and through fastmnist.fuse.
 
-The network is the padded 32/64-channel net of tests/test_fusion.py (wide_padded): four 3x3
+The network is the padded 32/64-channel net below, which tests/test_fusion.py checks too: four 3x3
 convolutions with padding 1, three Conv-ReLU-BN blocks and one Conv-ReLU-AvgPool, a linear
 classifier; fuse() replaces all four runs. The variants (stock NCHW, stock channels_last, fused)
 take SGD steps on the same random 28x28 batches, interleaved round by round so that the
@@ -10,13 +10,8 @@ step time of each variant with its ratio to stock channels_last.
 
     python benchmarks/fuse_speed.py [--device cpu|cuda] [--rounds 30] [--warmup 2] [--steps 4] [--batch-size 128]
 """
-import argparse
-import datetime
-import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,17 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from epoch_time import StepTimer, git_commit  # noqa: E402  (one timer and one commit record for every benchmark)
+from record import (add_out_argument, interleaved_step_times, machine_line, machine_meta,  # noqa: E402
+                    print_step_table, step_summary, timing_method, timing_parser, write_record)
 
 import fastmnist  # noqa: E402
 from fastmnist import ops  # noqa: E402
-from fastmnist.device import cpu_model  # noqa: E402
 
 BASE = "stock channels_last"
 
 
 def wide_padded_net() -> nn.Module:
-    """The padded 32/64-channel net (tests/test_fusion.py: wide_padded)."""
+    """The padded 32/64-channel net (tests/test_fusion.py checks fuse on it as wide_padded)."""
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.AvgPool2d(2),
@@ -61,13 +56,8 @@ def make_step(fused: bool, memory_format, device):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds, warm-up included")
-    parser.add_argument("--warmup", type=int, default=2, help="first rounds left out of the figures")
-    parser.add_argument("--steps", type=int, default=4, help="steps per variant per round")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    parser = timing_parser(__doc__)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.warmup < 0 or args.steps < 1 or args.batch_size < 2 or (args.rounds - args.warmup) * args.steps < 2:
         parser.error("need --warmup >= 0, --batch-size >= 2, and at least 2 timed steps per variant")
@@ -85,47 +75,28 @@ def main():
     variants = {"stock eager (NCHW)": (False, torch.contiguous_format), BASE: (False, torch.channels_last),
                 "fused (fastmnist.fuse, channels_last)": (True, torch.channels_last)}
     steps = {name: make_step(fused, fmt, device) for name, (fused, fmt) in variants.items()}
-    timer, samples = StepTimer(device), {name: [] for name in variants}
-    for rnd in range(args.rounds):
-        for name, step in steps.items():  # interleaved: drift in machine speed hits every variant alike
-            times = [timer(lambda: step(x, y)) for x, y in batches]
-            if rnd >= args.warmup:
-                samples[name] += times
+    samples = interleaved_step_times(steps, batches, args.rounds, args.warmup, device)
 
     base = statistics.median(samples[BASE])
     rows = []
     for name, ts in samples.items():
-        q = statistics.quantiles(ts, n=4)
-        rows.append({"variant": name, "median_step_ms": 1e3 * statistics.median(ts), "iqr_ms": [1e3 * q[0], 1e3 * q[2]],
+        rows.append({"variant": name, **step_summary(ts),
                      "ratio_to_stock_channels_last": statistics.median(ts) / base, "samples": len(ts)})
     meta = {
-        "benchmark": "fuse_speed", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "device": args.device,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else cpu_model(),
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **machine_meta("fuse_speed", device),
         "fused_cpu_kernel_path": ops.cpu_kernel_path(),
         "network": "wide_padded: conv3x3(1->32,p1)-relu-bn, conv3x3(32->64,p1)-relu-bn, avgpool2, "
                    "conv3x3(64->64,p1)-relu-bn, conv3x3(64->64,p1,no bias)-relu-avgpool2, linear(3136->10)",
         "step": "SGD (lr 0.05, momentum 0.9), cross-entropy, random 28x28 images",
         "batch_size": args.batch_size, "rounds": args.rounds, "warmup_rounds": args.warmup,
         "steps_per_round": args.steps,
-        "method": "median of per-step times, variants interleaved round by round on the same batches; "
-                  f"{args.warmup} warm-up rounds excluded; CUDA events on the GPU",
+        "method": timing_method(args.warmup),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"fuse_speed-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    path = write_record(args.out, f"fuse_speed-{args.device}", {"meta": meta, "results": rows})
 
-    print(f"\n{meta['device_name']} ({args.device}, {meta['torch_threads']} threads, {meta['cpu_capability']}), "
-          f"torch {meta['torch']}, commit {meta['git_commit']}, batch {args.batch_size}, "
+    print(f"\n{machine_line(meta)}, batch {args.batch_size}, "
           f"{len(samples[BASE])} timed steps per variant")
-    print(f"| variant | median step (ms) | IQR (ms) | vs {BASE} |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['median_step_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
-              f"{r['ratio_to_stock_channels_last']:.2f}x |")
+    print_step_table(rows, [(f"vs {BASE}", lambda r: f"{r['ratio_to_stock_channels_last']:.2f}x")])
     print(f"\nwrote {path}")
 
 

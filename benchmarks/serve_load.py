@@ -17,7 +17,6 @@ import argparse
 import datetime
 import http.client
 import io
-import json
 import os
 import re
 import statistics
@@ -30,23 +29,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fastmnist.data import load_mnist
-from fastmnist.device import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import add_out_argument, git_commit, write_record  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+from fastmnist.data import load_mnist  # noqa: E402
+from fastmnist.device import cpu_model  # noqa: E402
+
 TARGETS = {"p99_ms_at_1": 30.0, "requests_per_second_at_16": 300.0, "rss_growth_mb": 50.0}
-
-
-def git_commit():
-    """The commit measured, with '-dirty' when the working tree differs from it; None outside git."""
-    def git(*args):
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
-
-    head = git("rev-parse", "HEAD")
-    if head.returncode != 0:
-        return None
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def drawn_digit_png(data_dir=None) -> bytes:
@@ -118,7 +107,7 @@ def parse_args():
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--warmup", type=int, default=50, help="requests before each level, not timed")
     parser.add_argument("--data-dir", help="MNIST folder (for the drawn digit)")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.requests < 2 or args.warmup < 0 or min(args.concurrency) < 1:
         parser.error("--requests must be >= 2, --warmup >= 0, each --concurrency >= 1")
@@ -183,11 +172,7 @@ def main():
                   "sending the request to reading the whole answer; p99 is the 99th percentile of the sorted "
                   "latencies; the server's VmRSS after a warm-up, then sampled every 100 ms",
     }
-    result = {"meta": meta, "results": rows, "checks": checks}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_record(args.out, "serve_load", {"meta": meta, "results": rows, "checks": checks})
     print(f"RSS {rss_start:.1f} MB after warm-up, {rss_end:.1f} MB at the end (max {meta['rss_mb_max']:.1f})")
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}: {name}")

@@ -1,12 +1,23 @@
+import importlib.util
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_module(name: str, path: Path):
+    """The Python file at PATH as a module named NAME: benchmarks/ holds scripts, not a package, and a test may
+    read fastmnist/recipes.py without importing the package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args, timeout=300):
@@ -63,6 +74,49 @@ def mnist_dir():
     except Exception as exc:  # no network and no copy: those tests cannot run here
         pytest.skip(f"real MNIST unavailable: {exc}")
     return str(candidate_dirs(None)[-1])
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    """Real MNIST, loaded once per test file: these tests need real digits."""
+    from fastmnist.data import load_mnist
+
+    return load_mnist(mnist_dir, download=False)
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread while a test trains: this net is too small to gain from more, and on a busy shared
+    machine idle threads spin (measured: 93 s with 2 threads at load 4 on 2 cores, 10 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def briefly_trained_run(tmp_path_factory, mnist_dir, name):
+    """A fresh run folder of a model trained briefly (one epoch on 6,000 images, ~7 s on one thread; ~94%)."""
+    import fastmnist
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    with one_thread():
+        fastmnist.train(out, epochs=1, limit_train=6000, data_dir=mnist_dir, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, mnist_dir):
+    """A model.pt that reads MNIST well (two epochs of 20,000 images: ~98.5%, about 30 s on one core), trained
+    once per session for the tests that need real answers (serve and its browser test)."""
+    from fastmnist.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    with one_thread():
+        train(TrainConfig(epochs=2, limit_train=20000, limit_test=1000, data_dir=mnist_dir, out=str(out),
+                          progress=False), overwrite=True, log=lambda *a: None)
+    return out / "model.pt"
 
 
 @pytest.fixture(scope="session")

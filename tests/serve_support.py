@@ -1,5 +1,6 @@
-"""What the `fastmnist serve` tests share: a model that reads digits, a server in a subprocess, digits
-traced as pen strokes (the browser test draws them with the pointer; the API tests render them to PNGs)."""
+"""What the `fastmnist serve` tests share (the model that reads digits is conftest's trained_model): a server in
+a subprocess, digits traced as pen strokes (the browser test draws them with the pointer; the API tests render
+them to PNGs)."""
 import io
 import json
 import os
@@ -13,30 +14,12 @@ import time
 from contextlib import contextmanager
 from http.client import HTTPResponse
 
-import torch
 from PIL import Image, ImageDraw
 
 CANVAS = 280  # the page's canvas, in its own units (fastmnist/serve/static/index.html)
 STROKE_WIDTH = 20  # the page's pen (app.js STROKE_WIDTH)
 SCALE = CANVAS // 28  # one MNIST pixel is 10 canvas units
 INK = 128  # pixels at least this bright are traced: the strokes' cores; the pen's width adds the rest
-
-
-def trained_model(tmp_path_factory, mnist_dir):
-    """A model.pt that reads MNIST well (two epochs of 20,000 images: ~98.5%, about 30 s on one core),
-    trained once per session and shared by the serve test files through pytest's session folder."""
-    from fastmnist.train import TrainConfig, train
-
-    out = tmp_path_factory.getbasetemp() / "serve-model" / "run"
-    if not (out / "model.pt").is_file():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # this small net gains nothing from more on a busy machine (see test_predict)
-        try:
-            train(TrainConfig(epochs=2, limit_train=20000, limit_test=1000, data_dir=mnist_dir, out=str(out),
-                              progress=False), overwrite=True, log=lambda *a: None)
-        finally:
-            torch.set_num_threads(threads)
-    return out / "model.pt"
 
 
 def one_of_each_digit(labels, count=10):

@@ -12,6 +12,7 @@ from PIL import Image
 
 import fastmnist
 import fastmnist.api
+from conftest import briefly_trained_run
 from fastmnist.api import InputError, images_to_batch, inference_model
 from fastmnist.checkpoint import CheckpointError
 from fastmnist.predict import ImageError, load_digit
@@ -20,23 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    from fastmnist.data import load_mnist
-
-    return mnist_dir, load_mnist(mnist_dir, download=False)
-
-
-@pytest.fixture(scope="module")
-def trained_run(mnist, tmp_path_factory):
-    """A run folder of a model trained briefly (one epoch on 6,000 images, ~7 s on one thread; ~94%)."""
-    out = tmp_path_factory.mktemp("api") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # this net is too small to gain from more; on a busy machine they spin
-    try:
-        fastmnist.train(out, epochs=1, limit_train=6000, data_dir=mnist[0], log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def trained_run(mnist_dir, tmp_path_factory):
+    return briefly_trained_run(tmp_path_factory, mnist_dir, "api")
 
 
 @pytest.fixture
@@ -63,7 +49,7 @@ def test_the_package_lists_its_api_with_one_line_docstrings():
 
 
 def test_every_kind_of_image_gives_the_same_batch(mnist, tmp_path):
-    digits = mnist[1].test_images[:3]
+    digits = mnist.test_images[:3]
     as_float = digits.float() / 255
     expected = as_float[:, None]
     for images in (digits, as_float, as_float[:, None], digits.numpy(), as_float.numpy().astype(np.float64),
@@ -73,7 +59,7 @@ def test_every_kind_of_image_gives_the_same_batch(mnist, tmp_path):
 
 
 def test_photos_files_bytes_and_pil_images_go_through_predicts_preprocessing(mnist, tmp_path, clf):
-    image = photo(mnist[1].test_images[0])
+    image = photo(mnist.test_images[0])
     path = tmp_path / "seven.png"
     image.save(path)
     expected = load_digit(path)[0]  # what `fastmnist predict` feeds the model
@@ -84,7 +70,7 @@ def test_photos_files_bytes_and_pil_images_go_through_predicts_preprocessing(mni
         torch.testing.assert_close(clf.preprocess(item), expected, atol=1e-6, rtol=0)
     # A 28x28 array is an MNIST digit as it is, unless asked to bring it to the convention,
     # which puts a digit moved off-centre back where MNIST has it (an MNIST digit is a fixed point).
-    digit = mnist[1].test_images[0]
+    digit = mnist.test_images[0]
     moved = torch.nn.functional.pad(digit, (-2, 2, -2, 2))  # 2 pixels left and up: its margins are blank
     assert torch.equal(moved.roll((2, 2), (0, 1)), digit)
     assert torch.equal(clf.preprocess(moved), moved.float() / 255)
@@ -92,7 +78,7 @@ def test_photos_files_bytes_and_pil_images_go_through_predicts_preprocessing(mni
 
 
 def test_predict_returns_a_digit_and_ten_probabilities_per_image(clf, mnist):
-    out = clf.predict(mnist[1].test_images[:5])
+    out = clf.predict(mnist.test_images[:5])
     assert out.digits.shape == (5,) and out.digits.dtype == torch.int64
     assert out.probabilities.shape == (5, 10)
     torch.testing.assert_close(out.probabilities.sum(1), torch.ones(5))
@@ -102,15 +88,15 @@ def test_predict_returns_a_digit_and_ten_probabilities_per_image(clf, mnist):
 def test_ten_thousand_images_run_as_batches_not_one_by_one(clf, mnist):
     sizes = []
     clf.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
-    out = clf.predict(list(mnist[1].test_images))  # 10,000 separate tensors
+    out = clf.predict(list(mnist.test_images))  # 10,000 separate tensors
     assert len(out.digits) == 10_000 and sizes == [1000] * 10
 
 
 @pytest.mark.slow  # trains a model
-def test_predict_on_the_test_set_gives_evals_accuracy_exactly(trained_run, mnist):
+def test_predict_on_the_test_set_gives_evals_accuracy_exactly(trained_run, mnist, mnist_dir):
     clf = fastmnist.load(trained_run, device="cpu")
-    report = fastmnist.evaluate(trained_run, data_dir=mnist[0], device="cpu")
-    correct = (clf.predict(mnist[1].test_images).digits == mnist[1].test_labels).sum().item()
+    report = fastmnist.evaluate(trained_run, data_dir=mnist_dir, device="cpu")
+    correct = (clf.predict(mnist.test_images).digits == mnist.test_labels).sum().item()
     assert correct == report["correct"] == round(report["test_acc"] * 10_000)
     assert clf.info.test_accuracy == report["test_acc"] > 0.9
     assert report["per_class"][7]["digit"] == 7 and len(report["confusion"]) == 10

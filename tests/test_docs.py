@@ -3,23 +3,16 @@ the front page stays a front page, and every link points at a file the repositor
 
 Pure file reads (no torch, no training): the whole file runs in well under a second.
 """
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
+from conftest import load_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tables = load("fastmnist_doc_tables", ROOT / "benchmarks" / "tables.py")
+tables = load_module("fastmnist_doc_tables", ROOT / "benchmarks" / "tables.py")
 README = (ROOT / "README.md").read_text()
 
 
@@ -83,7 +76,7 @@ def test_each_doc_opens_with_what_it_is_for(path):
 
 def test_the_recorded_recipes_are_the_recipes_the_code_trains():
     """docs/recipe.md renders each recipe from the seed runs; they must be fastmnist/recipes.py's."""
-    recipes = load("fastmnist_doc_recipes", ROOT / "fastmnist" / "recipes.py").RECIPES
+    recipes = load_module("fastmnist_doc_recipes", ROOT / "fastmnist" / "recipes.py").RECIPES
     for model, runs in tables.seed_set(tables.SEEDS).items():
         for run in runs:
             recorded = {k: run["config"][k] for k in recipes[model]}

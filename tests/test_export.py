@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastmnist
-from conftest import one_line_error, run_cli
+from conftest import briefly_trained_run, one_line_error, run_cli
 from fastmnist import export as export_module
 from fastmnist.export import OPSET, ExportError, export
 
@@ -29,15 +29,7 @@ print(int((probs.argmax(1) == labels).sum()), len(labels))
 
 @pytest.fixture(scope="module")
 def run(mnist_dir, tmp_path_factory):
-    """A run folder of a model trained briefly (one epoch on 6,000 images, ~7 s on one thread; ~94%)."""
-    out = tmp_path_factory.mktemp("export") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fastmnist.train(out, epochs=1, limit_train=6000, data_dir=mnist_dir, log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return briefly_trained_run(tmp_path_factory, mnist_dir, "export")
 
 
 @pytest.mark.slow  # trains a model and exports it

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmnist
-from conftest import cpu_and_cuda
+from conftest import REPO, cpu_and_cuda, load_module
 from fastmnist.api import InputError
 
 pytestmark = pytest.mark.skipif(not fastmnist.fused_available(), reason="needs the compiled extension")
@@ -22,15 +22,8 @@ def lenet() -> nn.Module:
     )
 
 
-def wide_padded() -> nn.Module:
-    """32 and 64 channels, 3x3 with padding 1 (the net benchmarks/fuse_speed.py times)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(32),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(64), nn.AvgPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.BatchNorm2d(64),
-        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.ReLU(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, 10),
-    )
+# 32 and 64 channels, 3x3 with padding 1: the net benchmarks/fuse_speed.py times, defined there once.
+wide_padded = load_module("fastmnist_fuse_speed", REPO / "benchmarks" / "fuse_speed.py").wide_padded_net
 
 
 class Residual(nn.Module):

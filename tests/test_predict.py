@@ -9,35 +9,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from conftest import run_cli
+from conftest import one_thread, run_cli
 from fastmnist.predict import ImageError, load_digit, predict_files
 
 N_PHOTOS = 20
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    """Real MNIST (conftest's mnist_dir finds or fetches it): these tests need real digits."""
-    from fastmnist.data import load_mnist
-
-    return mnist_dir, load_mnist(mnist_dir, download=False)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(mnist, tmp_path_factory):
+def checkpoint(mnist_dir, tmp_path_factory):
     """A model trained briefly (94 steps, ~10 s on one core; 96% test accuracy), trained once."""
     from fastmnist.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("predict") / "run"
-    # One thread: this net is too small to gain from more, and on a busy shared machine idle
-    # threads spin (measured: 93 s with 2 threads at load 4 on 2 cores, 10 s with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig(epochs=2, limit_train=6000, limit_test=500, data_dir=mnist[0], out=str(out),
+    with one_thread():
+        train(TrainConfig(epochs=2, limit_train=6000, limit_test=500, data_dir=mnist_dir, out=str(out),
                           progress=False, impl="stock"), log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
     return out / "model.pt"
 
 
@@ -59,7 +45,7 @@ def write_image(gray, path, **kw):
 
 def save_photos(mnist, folder, count, fmt="png", light=True):
     """count test digits saved as photos; returns (paths, labels)."""
-    data = mnist[1]
+    data = mnist
     paths = []
     for i in range(count):
         margins = (5 + 3 * i % 40, 11 + 7 * i % 30, 2 + 5 * i % 25, 13 + 2 * i % 35)
@@ -82,7 +68,7 @@ def test_load_digit_recovers_the_mnist_digit(mnist, tmp_path, fmt, light):
         digit = load_digit(path)
         assert digit.shape == (1, 28, 28) and digit.dtype == torch.float32
         assert digit.min() >= 0 and digit.max() <= 1
-        scores.append(correlation(digit, mnist[1].test_images[i]))
+        scores.append(correlation(digit, mnist.test_images[i]))
     # A centre of mass near a half pixel may round the other way than MNIST's did: a 1 px
     # shift costs ~0.2 of correlation (300 digits: median 0.96, min 0.75), hence two bounds.
     assert min(scores) > 0.7 and sum(scores) / len(scores) > 0.9, scores

@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import one_line_error, run_cli
 from serve_support import (digit_strokes, exchange, one_of_each_digit, port_of, post_png, running_server,
-                           strokes_png, trained_model)
+                           strokes_png)
 
 if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
     reason = "the serve extra is not installed: pip install -e '.[serve]'"
@@ -32,20 +32,8 @@ CLIENT_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    from fastmnist.data import load_mnist
-
-    return load_mnist(mnist_dir, download=False)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, mnist_dir):
-    return trained_model(tmp_path_factory, mnist_dir)
-
-
-@pytest.fixture(scope="module")
-def server(model):
-    with running_server(model, "--client-timeout", str(CLIENT_TIMEOUT)) as (url, proc):
+def server(trained_model):
+    with running_server(trained_model, "--client-timeout", str(CLIENT_TIMEOUT)) as (url, proc):
         yield url, proc
     assert proc.returncode in (0, -2, 130), proc.returncode  # Ctrl-C stops it cleanly
     assert "Traceback" not in "".join(proc.stderr_lines), "".join(proc.stderr_lines)
@@ -77,7 +65,7 @@ def get_json(url):
 
 # ---- the API ---------------------------------------------------------------------------------------------
 
-@pytest.mark.slow  # the model fixture trains
+@pytest.mark.slow  # the trained_model fixture trains
 def test_predict_answers_digit_probabilities_input_and_time(server, drawn):
     status, answer = post_png(api(server, "api/predict"), drawn[0][0].read_bytes())
     assert status == 200, answer
@@ -89,26 +77,26 @@ def test_predict_answers_digit_probabilities_input_and_time(server, drawn):
     assert answer["milliseconds"] > 0
 
 
-@pytest.mark.slow  # the model fixture trains
-def test_model_card_and_health(server, model):
+@pytest.mark.slow  # the trained_model fixture trains
+def test_model_card_and_health(server, trained_model):
     assert get_json(api(server, "healthz")) == (200, {"status": "ok"})
     status, card = get_json(api(server, "api/model"))
     assert status == 200
-    assert card["model"] == "default" and card["parameters"] == 18410 and card["path"] == str(model)
+    assert card["model"] == "default" and card["parameters"] == 18410 and card["path"] == str(trained_model)
     assert 0.9 < card["test_accuracy"] <= 1.0, "from the run's metrics.json"
     assert card["kernel_path"]
 
 
-@pytest.mark.slow  # the model fixture trains
-def test_the_same_answer_everywhere(server, drawn, model):
+@pytest.mark.slow  # the trained_model fixture trains
+def test_the_same_answer_everywhere(server, drawn, trained_model):
     """/api/predict, Classifier.predict and `fastmnist predict` on the same files: same digits and
     probabilities (to 1e-6), and the model reads the drawn digits."""
     import fastmnist
 
     paths, labels = drawn
     served = [post_png(api(server, "api/predict"), p.read_bytes())[1] for p in paths]
-    local = fastmnist.load(model, device="cpu").predict([str(p) for p in paths])
-    cli = run_cli("predict", "--json", "--checkpoint", str(model), *map(str, paths))
+    local = fastmnist.load(trained_model, device="cpu").predict([str(p) for p in paths])
+    cli = run_cli("predict", "--json", "--checkpoint", str(trained_model), *map(str, paths))
     assert cli.returncode == 0, cli.stderr
     printed = json.loads(cli.stdout)
     for answer, digit, probs, line in zip(served, local.digits.tolist(), local.probabilities, printed):
@@ -118,7 +106,7 @@ def test_the_same_answer_everywhere(server, drawn, model):
     assert sum(a["digit"] == y for a, y in zip(served, labels)) >= 9, [a["digit"] for a in served]
 
 
-@pytest.mark.slow  # the model fixture trains
+@pytest.mark.slow  # the trained_model fixture trains
 def test_a_multipart_upload_reads_as_the_body_does(server, drawn):
     data = drawn[0][0].read_bytes()
     boundary = "fastmnist-boundary"
@@ -129,7 +117,7 @@ def test_a_multipart_upload_reads_as_the_body_does(server, drawn):
     assert answer == {**post_png(api(server, "api/predict"), data)[1], "milliseconds": answer["milliseconds"]}
 
 
-@pytest.mark.slow  # the model fixture trains
+@pytest.mark.slow  # the trained_model fixture trains
 def test_concurrent_requests_get_their_own_answers(server, drawn, mnist):
     """16 clients at once, good and broken images mixed: each good one gets exactly its sequential answer,
     each broken one only its own error (the model is loaded once and shared by the worker threads)."""
@@ -146,7 +134,7 @@ def test_concurrent_requests_get_their_own_answers(server, drawn, mnist):
             assert answer == want
 
 
-@pytest.mark.slow  # the model fixture trains
+@pytest.mark.slow  # the trained_model fixture trains
 def test_the_page_and_its_files_are_served_from_the_package(server):
     import urllib.request
 
@@ -222,7 +210,7 @@ def hostile_cases(drawn_png):
 CASES = list(hostile_cases(b"").keys())
 
 
-@pytest.mark.slow  # the model fixture trains
+@pytest.mark.slow  # the trained_model fixture trains
 @pytest.mark.parametrize("case", CASES)
 def test_hostile_requests_get_a_4xx_and_one_line_json(server, drawn, case):
     drawn_png = drawn[0][0].read_bytes()
@@ -237,7 +225,7 @@ def test_hostile_requests_get_a_4xx_and_one_line_json(server, drawn, case):
     assert get_json(api(server, "healthz")) == (200, {"status": "ok"}), "the server still answers"
 
 
-@pytest.mark.slow  # the model fixture trains
+@pytest.mark.slow  # the trained_model fixture trains
 def test_a_client_that_sends_all_before_reading_gets_its_413(server):
     """urllib, like most clients, sends the whole body before it reads the answer; the server, having refused
     the body from its Content-Length, must keep reading (and discarding) long enough for the 413 to arrive,
@@ -290,15 +278,15 @@ def test_serve_without_the_extra_says_how_to_install(monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "pip install 'fastmnist[serve]'" in err and "uvicorn" in err
 
 
-@pytest.mark.slow  # the model fixture trains
-def test_a_port_in_use_is_one_line(server, model):
-    result = run_cli("serve", str(model), "--port", str(port_of(server[0])), timeout=180)
+@pytest.mark.slow  # the trained_model fixture trains
+def test_a_port_in_use_is_one_line(server, trained_model):
+    result = run_cli("serve", str(trained_model), "--port", str(port_of(server[0])), timeout=180)
     assert "already in use" in one_line_error(result)
 
 
-@pytest.mark.slow  # the model fixture trains
-def test_listening_beyond_loopback_warns(model):
-    with running_server(model, "--host", "0.0.0.0") as (url, proc):
+@pytest.mark.slow  # the trained_model fixture trains
+def test_listening_beyond_loopback_warns(trained_model):
+    with running_server(trained_model, "--host", "0.0.0.0") as (url, proc):
         assert get_json(url + "healthz")[0] == 200
     warnings = [line for line in proc.stderr_lines if "warning" in line]
     assert len(warnings) == 1 and "0.0.0.0" in warnings[0], proc.stderr_lines

@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from serve_support import CANVAS, digit_strokes, one_of_each_digit, running_server, trained_model
+from serve_support import CANVAS, digit_strokes, one_of_each_digit, running_server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 # Headless, and nothing of the browser's own talks to the network: any request in its log is the page's.
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync")
 DESKTOP, PHONE = (1100, 1000), (390, 844)
-pytestmark = pytest.mark.slow  # trains a model (serve_support.trained_model)
+pytestmark = pytest.mark.slow  # trains a model (conftest.trained_model)
 
 
 def missing_browser():
@@ -51,20 +51,8 @@ def browser_available():
 
 
 @pytest.fixture(scope="module")
-def mnist(mnist_dir):
-    from fastmnist.data import load_mnist
-
-    return load_mnist(mnist_dir, download=False)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory, mnist_dir):
-    return trained_model(tmp_path_factory, mnist_dir)
-
-
-@pytest.fixture(scope="module")
-def url(model):
-    with running_server(model) as (url, proc):
+def url(trained_model):
+    with running_server(trained_model) as (url, proc):
         yield url
     assert "Traceback" not in "".join(proc.stderr_lines), "".join(proc.stderr_lines)
 
@@ -240,14 +228,14 @@ def test_undo_and_the_keyboard(page, mnist):
     assert focused == ["undo", "clear", "upload"], focused
 
 
-def test_upload_shows_what_fastmnist_predict_says(page, mnist, model, tmp_path):
+def test_upload_shows_what_fastmnist_predict_says(page, mnist, trained_model, tmp_path):
     """A photo-like PNG (dark ink on grey paper, off-centre) chosen with the file picker."""
     digit = mnist.test_images[one_of_each_digit(mnist.test_labels)[6]]
     big = torch.nn.functional.interpolate(digit[None, None].float(), scale_factor=5, mode="bilinear")[0, 0]
     photo = torch.nn.functional.pad(235 - 200 * big.clamp(0, 255) / 255, (30, 60, 10, 45), value=235)
     path = tmp_path / "photo.png"
     Image.fromarray(photo.round().to(torch.uint8).numpy(), "L").save(path)
-    cli = run_cli("predict", "--checkpoint", str(model), str(path))
+    cli = run_cli("predict", "--checkpoint", str(trained_model), str(path))
     assert cli.returncode == 0, cli.stderr
     digit_said, p_said = re.search(r": (\d) \(p=([\d.]+)\)", cli.stdout).groups()
 
