@@ -1,5 +1,4 @@
 """fastmnist export: a checked ONNX (or .pt2) file that other runtimes classify exactly as our model does."""
-import json
 import re
 import subprocess
 import sys

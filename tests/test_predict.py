@@ -349,7 +349,6 @@ def test_a_model_with_nan_weights_is_reported_as_broken(untrained_model, tmp_pat
 
 
 def test_non_finite_output_is_an_error_never_a_nan_probability(untrained_model, tmp_path, monkeypatch):
-    import fastmnist.predict as predict
 
     class Broken(torch.nn.Module):
         def forward(self, x):
