@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step decay of the moving average of the weights (and BN statistics) that is "
                    f"evaluated each epoch and saved as model.pt; 0 evaluates and saves the trained weights "
                    f"themselves (default {describe('ema_decay')})")
+    t.add_argument("--bn-recompute-batches", type=_number(int, 0, 60000), default=None,
+                   help="recompute the BN statistics of the evaluated weights on this many un-augmented training "
+                   f"batches before each evaluation and save; 0 keeps the averaged ones (default "
+                   f"{describe('bn_recompute_batches')})")
     t.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="turn off the random rotation/scale/shift of training images")
     t.add_argument("--seed", type=_number(int, 0, 2**31 - 1), default=None,
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The train flags that set TrainConfig fields: their parser default is None, so that
 # cmd_train knows which the user gave (a resumed run keeps its saved settings).
 RUN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "dropout", "label_smoothing", "ema_decay", "augment",
-                "seed", "model", "impl", "device", "limit_train", "limit_test")
+                "bn_recompute_batches", "seed", "model", "impl", "device", "limit_train", "limit_test")
 
 
 def cmd_train(args) -> int:
