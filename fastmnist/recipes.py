@@ -25,6 +25,8 @@ RECIPES = {
     "default": _BASE,
     "reference": {**_BASE, "epochs": 15},
     "tiny": {**_BASE, "epochs": 15},
+    "tiny4k": {**_BASE, "epochs": 15},
+    "tiny5k": {**_BASE, "epochs": 15},
 }
 
 
