@@ -57,7 +57,7 @@ def probes_table() -> str:
         return "## Recipe and layout probes\n\nNone run yet: `benchmarks/probes_issue22.sh`.\n"
     lines = ["## Recipe and layout probes\n",
              "Final test accuracy (%) per probe seed; `min>2`: the lowest test accuracy after epoch 2 over the "
-             "probe's seeds (the dip the BN recompute is for).\n")
+             "probe's seeds (the dip the BN recompute is for).\n",
              "| probe | model | parameters | epochs | BN recompute | " + " | ".join(f"seed {s}" for s in seeds)
              + " | lowest final | min>2 |", "|---" * (len(seeds) + 7) + "|"]
     for name, runs in rows:
