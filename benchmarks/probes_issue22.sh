@@ -8,8 +8,9 @@
 # A probe already in its folder (metrics.json) is skipped, so the script resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=benchmarks/results/probes-issue22
+OUT=${OUT:-benchmarks/results/probes-issue22}
 SEEDS=${SEEDS:-"10 11 12"}
+EXTRA=${EXTRA:-}  # more flags for every run; a smoke check: OUT=/tmp/p EXTRA="--limit-train 512 --epochs 1"
 
 declare -A PROBES=(
   [default-8ep]="--model default"
@@ -29,8 +30,8 @@ for probe in ${@:-$ORDER}; do
     [ -f "$dir/metrics.json" ] && { echo "$dir: done, skipped"; continue; }
     mkdir -p "$OUT/$probe"
     echo "$probe seed $seed: fastmnist train $flags --seed $seed"
-    # shellcheck disable=SC2086  # flags is a list of words
-    python -m fastmnist.cli train $flags --seed "$seed" --out "$dir" --overwrite --no-progress > "$dir.log" 2>&1
+    # shellcheck disable=SC2086  # flags and EXTRA are lists of words
+    python -m fastmnist.cli train $flags $EXTRA --seed "$seed" --out "$dir" --overwrite --no-progress > "$dir.log" 2>&1
     git rev-parse --short HEAD > "$dir.commit"
     tail -1 "$dir.log"
   done
