@@ -12,7 +12,10 @@ class WeightAverage:
     the fast early changes instead of clinging to the random initial weights,
     so it is already the better model after one short epoch. Integer buffers
     (BN's batch counter) are copied. torch.optim.swa_utils.AveragedModel has no
-    such warm-up, which is why this small class exists.
+    such warm-up, which is why this small class exists. The averaged BN
+    statistics belong to the weights of the last ~1/(1 - decay) steps, not to
+    the averaged weights; a recipe's bn_recompute_batches replaces them before
+    each evaluation (train.recompute_bn_statistics).
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
