@@ -147,3 +147,12 @@ def test_torch_compile_fullgraph_matches_eager_on_the_fused_path():
     assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
     assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-5)
     assert_close(state_c, state_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, parameters", [("tiny4k", 3746), ("tiny5k", 4610)])
+def test_the_separable_candidates_stay_under_5000_parameters(name, parameters):
+    """Issue 22's bound: at most 5,000 parameters, no Linear; the depthwise conv is the stock layer."""
+    model = build_model(name, impl="stock")
+    assert count_parameters(model) == parameters <= 5000
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels and m.bias is None for m in depthwise)
