@@ -21,6 +21,14 @@ average's BN statistics). Seeds 10-12 are probe seeds: seeds 0-4 are held out fo
 `python benchmarks/probes_issue22.py` from the runs in this folder; the runs are made by
 `benchmarks/probes_issue22.sh` (one per probe and seed: `seedN/metrics.json`, `seedN.log`, `seedN.commit`).
 Training times are not speed figures: these ran on a shared CPU.
+
+The probes (`benchmarks/probes_issue22.sh` names each one's flags):
+- `default-Nep`, `default-Nep-bn50`: the default network and recipe shortened to N epochs (the one-cycle
+  schedule spans them), without and with `--bn-recompute-batches 50`. Per-epoch training cost is the
+  default's, so N epochs cost N/8 of today's default run.
+- `tiny4k-bn50`, `tiny5k-bn50`: the layouts `tiny4k` (3,746 parameters) and `tiny5k` (4,610), tiny's two
+  3x3 blocks before the transition, then three (four) depthwise-separable blocks of width 24 (a stock
+  depthwise 3x3 conv, then a fused 1x1 Conv-ReLU-BN), under tiny's recipe (15 epochs) with the BN recompute.
 """
 
 
