@@ -438,9 +438,10 @@ def recompute_bn_statistics(run: Run) -> float:
     large activations in that window moves them for a thousand steps (seed 0 of
     default: 97.91% after epoch 7, 99.48% after epoch 8). torch.optim.swa_utils.update_bn
     recomputes them as SWA does: it resets them, then takes the cumulative
-    average of the batch statistics over the batches. The weights do not
-    change, so training does not either; the result depends only on them, the
-    seed and the epoch, so a resumed run recomputes the same statistics.
+    average of the batch statistics over the batches. Training never reads
+    the average's BN statistics, so it is untouched; the result depends only on
+    the averaged weights, the seed and the epoch, and the checkpoint saved after
+    it holds it, so a resumed run ends as an uninterrupted one.
     """
     cfg, (train_x, _, _, _) = run.cfg, run.data
     t0 = time.perf_counter()
