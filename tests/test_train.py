@@ -59,11 +59,12 @@ def interrupt_at_step(monkeypatch, step):
 
 
 @pytest.mark.slow
-def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, monkeypatch):
-    whole = train(tiny(mnist_dir, tmp_path / "whole"), log=quiet)
+@pytest.mark.parametrize("bn_recompute_batches", [0, 3])  # with it, the statistics the first epoch recomputed
+def test_interrupt_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, monkeypatch, bn_recompute_batches):
+    whole = train(tiny(mnist_dir, tmp_path / "whole", bn_recompute_batches=bn_recompute_batches), log=quiet)
     interrupt_at_step(monkeypatch, 11)  # inside the second epoch
     with pytest.raises(TrainingStopped, match=r"fastmnist train --resume .*cut"):
-        train(tiny(mnist_dir, tmp_path / "cut"), log=quiet)
+        train(tiny(mnist_dir, tmp_path / "cut", bn_recompute_batches=bn_recompute_batches), log=quiet)
     state = checkpoint.load_training_state(tmp_path / "cut")
     assert (state["epoch"], state["step"], state["kind"]) == (1, 3, "interrupted")
     monkeypatch.undo()
