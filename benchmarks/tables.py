@@ -40,11 +40,16 @@ def legacy_fields() -> dict:
     return json.loads((RESULTS / "legacy_fields.json").read_text())["folders"]
 
 
+def absent_settings() -> dict:
+    """The value each newer setting had in the runs that predate it (no BN recompute, ...)."""
+    return json.loads((RESULTS / "legacy_fields.json").read_text())["absent_settings"]
+
+
 def load_run(path: Path) -> dict:
     run = json.loads(path.read_text())
     folder = path.parent.parent.relative_to(RESULTS).as_posix()
     fill = legacy_fields().get(folder, {})
-    run["config"] = {**run["config"], **fill.get("config", {})}
+    run["config"] = {**absent_settings(), **run["config"], **fill.get("config", {})}
     run["layout"] = run.get("layout") or fill.get("layout")
     run["folder"] = folder
     return run

@@ -133,13 +133,18 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                    help="per-step decay of the moving average of the weights (and BN statistics) that is "
                    f"evaluated each epoch and saved as model.pt; 0 evaluates and saves the trained weights "
                    f"themselves (default {describe('ema_decay')})")
+    t.add_argument("--bn-recompute-batches", type=_number(int, 0, 60000), default=None,
+                   help="recompute the BN statistics of the evaluated weights on this many un-augmented training "
+                   f"batches before each evaluation and save; 0 keeps the averaged ones (default "
+                   f"{describe('bn_recompute_batches')})")
     t.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="turn off the random rotation/scale/shift of training images")
     t.add_argument("--seed", type=_number(int, 0, 2**31 - 1), default=None,
                    help=f"random seed; same seed, device and impl give the same run on the CPU (default {DEFAULTS.seed})")
     t.add_argument("--model", choices=sorted(LAYOUTS),
                    help="default: 18,410 parameters; reference: the assignment's 12,650-parameter network "
-                   "(docs/assignment.md); tiny: 7,506 parameters. Each model has its own recipe, the defaults "
+                   "(docs/assignment.md); tiny: 7,506 parameters; tiny4k (3,746) and tiny5k (4,610): candidates with "
+                   "depthwise-separable blocks (a stock depthwise conv, the rest fused). Each model has its own recipe, the defaults "
                    f"named in this help, which any flag overrides (default {DEFAULTS.model})")
     t.add_argument("--impl", choices=["auto", "fused", "stock"],
                    help="fused: our Conv+ReLU+BN operator; stock: torch.nn layers; auto: fused where built (default)")
@@ -158,7 +163,7 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
 # The train flags that set TrainConfig fields: their parser default is None, so that
 # cmd_train knows which the user gave (a resumed run keeps its saved settings).
 RUN_SETTINGS = ("epochs", "batch_size", "lr", "weight_decay", "dropout", "label_smoothing", "ema_decay", "augment",
-                "seed", "model", "impl", "device", "limit_train", "limit_test")
+                "bn_recompute_batches", "seed", "model", "impl", "device", "limit_train", "limit_test")
 
 
 def cmd_train(args) -> int:

@@ -36,14 +36,28 @@ def _layers(impl, dropout, device, layout):
     the transition is a 1x1 conv with ReLU and 2x2 average pooling; the head is
     a 1x1 conv to 10 channels with global average pooling. The reference is
     ((16, 16, 32), 16, (16, 16)): 28 -> 26 -> 24 -> 22 -> 11 -> 9 -> 7 -> 1.
+
+    A block given as ("separable", width) is depthwise-separable instead: a
+    stock depthwise 3x3 conv (our kernels fuse no grouped conv; it has no bias,
+    the 1x1 conv's bias follows it) then a fused 1x1 Conv -> ReLU -> BN -> Dropout2d,
+    9 cin + cin width weights where a full block has 9 cin width.
     """
     before, transition, after = layout
     layers, cin, size = [Normalize()], 1, 28
 
-    def block(cout):  # Conv3x3 -> ReLU -> BN -> Dropout2d, one fused op
+    def block(spec):
         nonlocal cin, size
-        layers.append(ConvReLUBN(cin, cout, 3, dropout=dropout, impl=impl, device=device))
-        cin, size = cout, size - 2
+        if isinstance(spec, int):  # Conv3x3 -> ReLU -> BN -> Dropout2d, one fused op
+            layers.append(ConvReLUBN(cin, spec, 3, dropout=dropout, impl=impl, device=device))
+            cin = spec
+        else:
+            kind, cout = spec
+            if kind != "separable":
+                raise ValueError(f"unknown block {spec!r}: a width, or ('separable', width)")
+            layers.append(nn.Conv2d(cin, cin, 3, groups=cin, bias=False, device=device))
+            layers.append(ConvReLUBN(cin, cout, 1, dropout=dropout, impl=impl, device=device))
+            cin = cout
+        size -= 2
 
     for width in before:
         block(width)
@@ -68,6 +82,11 @@ LAYOUTS = {
     "default": ((16, 24), 16, (24, 24, 24)),
     "reference": ((16, 16, 32), 16, (16, 16)),
     "tiny": ((8, 16), 8, (16, 16, 16)),
+    # Candidates under 5,000 parameters (issue 22; probes in benchmarks/results/probes-issue22/): the 16 -> 16
+    # 3x3 blocks after the transition hold 4,704 of tiny's 7,506 parameters, so they become
+    # depthwise-separable, which buys width (24) and, in tiny4k, a fourth block (12 -> 10 -> 8 -> 6 -> 4).
+    "tiny4k": ((8, 16), 8, (("separable", 24), ("separable", 24), ("separable", 24))),
+    "tiny5k": ((8, 16), 8, (("separable", 24), ("separable", 24), ("separable", 24), ("separable", 24))),
 }
 
 
@@ -116,8 +135,13 @@ def fold_bn_into_next_conv(model: nn.Sequential) -> nn.Sequential:
             if any(p != 0 for p in conv.padding):
                 raise ValueError(f"cannot fold a BatchNorm exactly into a padded convolution ({conv})")
             s, t = pending
-            conv.bias.add_((conv.weight * t.view(1, -1, 1, 1)).sum(dim=(1, 2, 3)))
-            conv.weight.mul_(s.view(1, -1, 1, 1))
+            if conv.groups > 1 and conv.groups != conv.in_channels:
+                raise ValueError(f"cannot fold a BatchNorm into a grouped convolution ({conv}): only depthwise")
+            view = (-1, 1, 1, 1) if conv.groups > 1 else (1, -1, 1, 1)  # depthwise: output o reads input o
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+            conv.bias.add_((conv.weight * t.view(view)).sum(dim=(1, 2, 3)))
+            conv.weight.mul_(s.view(view))
             pending = None
         if isinstance(layer, ConvReLUBN):
             bn = layer.bn

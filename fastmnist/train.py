@@ -22,7 +22,7 @@ from fastmnist import ops, runs, training_state
 from fastmnist.checkpoint import save_model
 from fastmnist.data import load_mnist, random_affine, to_float_images
 from fastmnist.device import device_name, resolve_device
-from fastmnist.ema import WeightAverage
+from fastmnist.ema import WeightAverage, recompute_bn_statistics
 from fastmnist.evaluation import evaluate
 from fastmnist.files import write_json_atomic
 from fastmnist.layers import resolve_impl
@@ -48,6 +48,7 @@ class TrainConfig:
     label_smoothing: Optional[float] = None
     ema_decay: Optional[float] = None  # per-step decay of the weight average that is evaluated and saved; 0: none
     augment: Optional[bool] = None  # rotation 8 deg, scale 5%, shift 8%
+    bn_recompute_batches: Optional[int] = None  # BN statistics of the evaluated weights from this many batches; 0: kept
     seed: int = 0
     model: str = "default"
     impl: str = "auto"  # fused | stock | auto (fused where built)
@@ -211,11 +212,16 @@ def end_epoch(run: Run, train_seconds: float, log) -> None:
     """Evaluate, record and log the epoch, move to the next one and save the checkpoint."""
     cfg, (_, _, test_x, test_y) = run.cfg, run.data
     s = run.sums.tolist()
+    bn_seconds = 0.0  # not training time: reported apart
+    if cfg.bn_recompute_batches:
+        order = epoch_permutation(cfg.seed, run.epoch, len(run.data[0])).to(run.device)
+        bn_seconds = recompute_bn_statistics(run.final_model, run.data[0], order, cfg.bn_recompute_batches,
+                                             cfg.batch_size, MEMORY_FORMAT)
     test = evaluate(run.final_model, test_x, test_y, cfg.eval_batch_size)
     record = {
         "epoch": run.epoch + 1, "train_loss": s[0] / run.seen, "train_acc": s[1] / run.seen,
         "test_loss": test["test_loss"], "test_acc": test["test_acc"], "epoch_seconds": train_seconds,
-        "lr_end": run.scheduler.get_last_lr()[0],
+        "bn_recompute_seconds": bn_seconds, "lr_end": run.scheduler.get_last_lr()[0],
     }
     run.history.append(record)
     log(f"epoch {run.epoch + 1:2d}/{cfg.epochs}  train loss {record['train_loss']:.4f}  "

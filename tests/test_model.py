@@ -24,13 +24,15 @@ def test_parameter_counts():
 def test_every_model_runs_its_3x3_blocks_on_the_tiles_unpadded(name):
     """Each model's widths are ones the CPU tiles take at full speed: no im2col, no channel padding, and
     Winograd for every block but the first (one input channel: nothing to gain) whose output size is even
-    (the reference network's blocks after the pooling, 11 -> 9 -> 7, are not)."""
+    (the reference network's blocks after the pooling, 11 -> 9 -> 7, are not) and 3x3 (a separable block's
+    1x1 conv is plain tiles)."""
     x = torch.zeros(2, 1, 28, 28)
     for i, layer in enumerate(build_model(name, impl="fused")):
         if isinstance(layer, ConvReLUBN):  # the first block's input is the images: no gradient wanted
             path = ops.conv_path(x.contiguous(memory_format=torch.channels_last), layer.conv.weight,
                                  compute_grad_x=i > 1)
-            wino = i > 1 and (x.shape[-1] - 2) % 2 == 0 and os.environ.get("FASTMNIST_WINOGRAD") != "0"
+            wino = (i > 1 and layer.conv.kernel_size == (3, 3) and (x.shape[-1] - 2) % 2 == 0
+                    and os.environ.get("FASTMNIST_WINOGRAD") != "0")
             expected = "tiles, Winograd F(2x2,3x3) forward and input gradient" if wino else "tiles"
             assert path.endswith(expected) and "padded" not in path, (layer, path)
         x = layer.eval()(x)
@@ -40,7 +42,8 @@ def test_every_model_runs_its_3x3_blocks_on_the_tiles_unpadded(name):
 def test_no_fully_connected_layer(name):
     model = build_model(name, impl="stock")
     assert not any(isinstance(m, (nn.Linear, nn.Bilinear)) for m in model.modules())
-    assert sum(isinstance(m, ConvReLUBN) for m in model.modules()) == 5
+    before, _, after = LAYOUTS[name]
+    assert sum(isinstance(m, ConvReLUBN) for m in model.modules()) == len(before) + len(after)
 
 
 def test_output_shape_and_no_parameters_in_normalisation():
@@ -144,3 +147,12 @@ def test_torch_compile_fullgraph_matches_eager_on_the_fused_path():
     assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-5)
     assert_close(grads_c, grads_e, rtol=1e-4, atol=1e-5)
     assert_close(state_c, state_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, parameters", [("tiny4k", 3746), ("tiny5k", 4610)])
+def test_the_separable_candidates_stay_under_5000_parameters(name, parameters):
+    """Issue 22's bound: at most 5,000 parameters, no Linear; the depthwise conv is the stock layer."""
+    model = build_model(name, impl="stock")
+    assert count_parameters(model) == parameters <= 5000
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(m.groups == m.in_channels == m.out_channels and m.bias is None for m in depthwise)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 22's probes: each candidate recipe/layout on held-out probe seeds (10, 11, 12; seeds 0-4 are
+# kept for the record), one run at a time, into benchmarks/results/probes-issue22/PROBE/seedN{,.log}.
+# Then: python benchmarks/probes_issue22.py renders the folder's README.md from the runs.
+#   benchmarks/probes_issue22.sh                  every probe below, on every probe seed
+#   benchmarks/probes_issue22.sh default-4ep-bn50 one probe
+#   SEEDS="10" benchmarks/probes_issue22.sh ...   other seeds
+# A probe already in its folder (metrics.json) is skipped, so the script resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/probes-issue22}
+SEEDS=${SEEDS:-"10 11 12"}
+EXTRA=${EXTRA:-}  # more flags for every run; a smoke check: OUT=/tmp/p EXTRA="--limit-train 512 --epochs 1"
+
+declare -A PROBES=(
+  [default-8ep]="--model default"
+  [default-8ep-bn50]="--model default --bn-recompute-batches 50"
+  [default-4ep]="--model default --epochs 4"
+  [default-4ep-bn50]="--model default --epochs 4 --bn-recompute-batches 50"
+  [default-3ep-bn50]="--model default --epochs 3 --bn-recompute-batches 50"
+  [tiny4k-bn50]="--model tiny4k --bn-recompute-batches 50"
+  [tiny5k-bn50]="--model tiny5k --bn-recompute-batches 50"
+)
+ORDER="default-4ep-bn50 default-3ep-bn50 default-4ep tiny5k-bn50 tiny4k-bn50 default-8ep-bn50 default-8ep"
+
+for probe in ${@:-$ORDER}; do
+  flags=${PROBES[$probe]:?"unknown probe $probe; known: ${!PROBES[*]}"}
+  for seed in $SEEDS; do
+    dir=$OUT/$probe/seed$seed
+    [ -f "$dir/metrics.json" ] && { echo "$dir: done, skipped"; continue; }
+    mkdir -p "$OUT/$probe"
+    echo "$probe seed $seed: fastmnist train $flags --seed $seed"
+    # shellcheck disable=SC2086  # flags and EXTRA are lists of words
+    python -m fastmnist.cli train $flags $EXTRA --seed "$seed" --out "$dir" --overwrite --no-progress > "$dir.log" 2>&1
+    git rev-parse --short HEAD > "$dir.commit"
+    tail -1 "$dir.log"
+  done
+done
