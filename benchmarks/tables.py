@@ -401,6 +401,46 @@ def render_speed_history() -> str:
     return table(header, rows)
 
 
+# ---------------------------------------------------------------- fastmnist.fuse and fastmnist serve
+
+def newest(pattern: str) -> tuple:
+    """(file name, record) of the newest record matching pattern (names carry their date and time)."""
+    path = sorted(RESULTS.glob(pattern))[-1]
+    return path.name, json.loads(path.read_text())
+
+
+def render_fuse_speed() -> str:
+    name, rec = newest("fuse_speed-cpu-*.json")
+    meta = rec["meta"]
+    rows = [[r["variant"], f"{r['median_step_ms']:.1f}", f"{r['iqr_ms'][0]:.1f}–{r['iqr_ms'][1]:.1f}",
+             f"{r['ratio_to_stock_channels_last']:.2f}x"] for r in rec["results"]]
+    eager = next(r for r in rec["results"] if r["variant"].startswith("stock eager"))
+    fused = next(r for r in rec["results"] if r["variant"].startswith("fused"))
+    note = (f"
+Fused / stock eager: **{fused['median_step_ms'] / eager['median_step_ms']:.2f}x**. Network: "
+            f"{meta['network']}; batch {meta['batch_size']}; {meta['step']}. {speed_machine(meta)}, kernel path "
+            f"`{meta['fused_cpu_kernel_path']}`; {meta['rounds'] - meta['warmup_rounds']} timed rounds x "
+            f"{meta['steps_per_round']} steps per variant; commit {commit(meta)}; record `{name}`.")
+    return table(["variant", "median step (ms)", "IQR (ms)", "vs stock channels_last"], rows) + "\n" + note
+
+
+def render_serve_load() -> str:
+    name, rec = newest("serve_load-*.json")
+    meta = rec["meta"]
+    rows = [[r["concurrency"], f"{r['answered_200']:,}/{r['requests']:,}", f"{r['p50_ms']:.1f}",
+             f"{r['p99_ms']:.1f}", f"{r['requests_per_second']:.0f}",
+             f"{r['rss_mb_before']:.0f} → {r['rss_mb_after']:.0f}"] for r in rec["results"]]
+    checks = "; ".join(f"{k}: {'met' if ok else '**not met**'}" for k, ok in rec["checks"].items())
+    note = (f"
+{meta['cpu_model']}, {meta['cpu_count']} cores, server torch threads {meta['server_torch_threads']}, "
+            f"{meta['server_worker_threads']} worker threads, torch {meta['torch'].split('+')[0]}; a "
+            f"{meta['body_bytes']:,}-byte drawn PNG per request, {meta['warmup_per_level']} warm-up requests per "
+            f"level; server memory {meta['rss_mb_start']:.0f} MB after warm-up, {meta['rss_mb_end']:.0f} MB at the "
+            f"end (growth {meta['rss_growth_mb']:.1f} MB). Targets: {checks}. Commit {commit(meta)}; record `{name}`.")
+    return table(["concurrency", "answered 200", "p50 (ms)", "p99 (ms)", "requests/s", "server RSS (MB)"],
+                 rows) + "\n" + note
+
+
 # ---------------------------------------------------------------- the tables and where they live
 
 TABLES = {
@@ -421,6 +461,8 @@ TABLES = {
     "ema-early": render_ema_early,
     "speed": render_speed,
     "speed-history": render_speed_history,
+    "fuse-speed": render_fuse_speed,
+    "serve-load": render_serve_load,
 }
 MARKER = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
 
