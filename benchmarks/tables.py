@@ -416,8 +416,7 @@ def render_fuse_speed() -> str:
              f"{r['ratio_to_stock_channels_last']:.2f}x"] for r in rec["results"]]
     eager = next(r for r in rec["results"] if r["variant"].startswith("stock eager"))
     fused = next(r for r in rec["results"] if r["variant"].startswith("fused"))
-    note = (f"
-Fused / stock eager: **{fused['median_step_ms'] / eager['median_step_ms']:.2f}x**. Network: "
+    note = (f"\nFused / stock eager: **{fused['median_step_ms'] / eager['median_step_ms']:.2f}x**. Network: "
             f"{meta['network']}; batch {meta['batch_size']}; {meta['step']}. {speed_machine(meta)}, kernel path "
             f"`{meta['fused_cpu_kernel_path']}`; {meta['rounds'] - meta['warmup_rounds']} timed rounds x "
             f"{meta['steps_per_round']} steps per variant; commit {commit(meta)}; record `{name}`.")
@@ -431,8 +430,7 @@ def render_serve_load() -> str:
              f"{r['p99_ms']:.1f}", f"{r['requests_per_second']:.0f}",
              f"{r['rss_mb_before']:.0f} → {r['rss_mb_after']:.0f}"] for r in rec["results"]]
     checks = "; ".join(f"{k}: {'met' if ok else '**not met**'}" for k, ok in rec["checks"].items())
-    note = (f"
-{meta['cpu_model']}, {meta['cpu_count']} cores, server torch threads {meta['server_torch_threads']}, "
+    note = (f"\n{meta['cpu_model']}, {meta['cpu_count']} cores, server torch threads {meta['server_torch_threads']}, "
             f"{meta['server_worker_threads']} worker threads, torch {meta['torch'].split('+')[0]}; a "
             f"{meta['body_bytes']:,}-byte drawn PNG per request, {meta['warmup_per_level']} warm-up requests per "
             f"level; server memory {meta['rss_mb_start']:.0f} MB after warm-up, {meta['rss_mb_end']:.0f} MB at the "
