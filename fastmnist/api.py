@@ -23,6 +23,7 @@ from torch import nn
 from fastmnist import ops
 from fastmnist.checkpoint import CheckpointError, load_model
 from fastmnist.device import resolve_device
+from fastmnist.errors import first_line
 from fastmnist.model import MEMORY_FORMAT, count_parameters
 
 SIDE = 28  # MNIST's images are 28 x 28
@@ -311,7 +312,7 @@ def _pil_to_gray(image, name: str) -> torch.Tensor:
     except predict.ImageError:
         raise
     except Exception as exc:  # a PIL image that cannot be converted (a mode Pillow cannot turn grey)
-        raise predict.ImageError(name, f"not a usable image ({type(exc).__name__}: {exc})") from None
+        raise predict.ImageError(name, f"not a usable image ({first_line(exc)})") from None
 
 
 def _tensor_to_batch(t: torch.Tensor, mnist_style: Optional[bool], name: str) -> torch.Tensor:
