@@ -25,9 +25,24 @@ MODELS = ("default", "reference", "tiny")  # the order every table lists them in
 # Which records are the headline: the speed runs on today's CPU kernels, and the seed sets. A new run
 # replaces these names; the figures follow.
 HEADLINE_SPEED = ("epoch_time-cpu-20261130-125817.json", "epoch_time-cpu-20261130-125843.json")
-SEEDS = "seeds"  # seeds/<model>/seed<N>/metrics.json: each model's recipe, seeds 0-4, today's kernels
-EARLIER_SEEDS = "seeds_892c5d8"  # the same runs on the kernels the recipe/ ablations ran on
+SEEDS = "seeds"  # seeds/<model>/seed<N>/metrics.json: each model's recipe, seeds 0-4, today's code
+PREVIOUS_SEEDS = "seeds_3e9ba15"  # the recipes before issue 22 (default 8 epochs, averaged BN statistics, tiny 7,506)
+EARLIER_SEEDS = "seeds_892c5d8"  # those recipes on the kernels the recipe/ ablations ran on
+EARLIER_SETS = (PREVIOUS_SEEDS, EARLIER_SEEDS)
 ABLATION_BASELINE = {"recipe": EARLIER_SEEDS}  # folder -> the seed set that ran on the same code
+# Issue 22's ablation, seed-matched on seeds 0-4: (model, folder of seed<N>/ runs, what the row changes).
+# Each step adds one change to the row before it; the last row of each model is its recipe's seed set.
+ISSUE22_ABLATION = (
+    ("default", f"{PREVIOUS_SEEDS}/default", "the recipe before issue 22: 8 epochs, BN statistics averaged"),
+    ("default", "ablation-issue22/default-8ep", "the same on today's code"),
+    ("default", "ablation-issue22/default-4ep", "4 epochs (the one-cycle schedule spans them)"),
+    ("default", f"{SEEDS}/default", "BN statistics recomputed on 50 training batches: **the recipe**"),
+    ("reference", f"{PREVIOUS_SEEDS}/reference", "the recipe before issue 22: BN statistics averaged"),
+    ("reference", f"{SEEDS}/reference", "BN statistics recomputed: **the recipe**"),
+    ("tiny", f"{PREVIOUS_SEEDS}/tiny", "the recipe before issue 22: 3x3 blocks, BN statistics averaged"),
+    ("tiny", "ablation-issue22/tiny-avgbn", "four depthwise-separable blocks after the transition"),
+    ("tiny", f"{SEEDS}/tiny", "BN statistics recomputed: **the recipe**"),
+)
 ABLATION_FOLDERS = ("recipe/*", "accuracy", "accuracy_reference_15ep_dropout0.05",
                     "accuracy_reference_18ep_dropout0", "accuracy_fused_pool", "recipe_probe")
 DIP_POINTS = 0.5  # a fall of test accuracy from one epoch to the next larger than this is a dip
@@ -116,9 +131,14 @@ def commit(meta: dict) -> str:
     return f"`{c[:7]}`" + (" + uncommitted edits" if c.endswith("-dirty") else "") if c else "not recorded"
 
 
+def block_text(spec) -> str:
+    """A block of a layout as the records hold it: a width (a 3x3 block) or ["separable", width]."""
+    return str(spec) if isinstance(spec, int) else f"sep {spec[1]}"
+
+
 def layout_text(layout) -> str:
     before, transition, after = layout
-    return f"(({', '.join(map(str, before))}), {transition}, ({', '.join(map(str, after))}))"
+    return f"(({', '.join(map(block_text, before))}), {transition}, ({', '.join(map(block_text, after))}))"
 
 
 def finals(runs) -> list:
@@ -129,6 +149,16 @@ def minutes(run) -> float:
     return run["total_train_seconds"] / 60
 
 
+def seconds(run) -> float:
+    """Training time of a run: its epochs' training summed, evaluation and the BN recompute excluded."""
+    return run["total_train_seconds"]
+
+
+def lowest_after(runs, epoch=2) -> float:
+    """The lowest test accuracy after `epoch` over the runs' epochs (a dip shows here)."""
+    return min(e["test_acc"] for r in runs for e in r["epochs"] if e["epoch"] > epoch)
+
+
 # ---------------------------------------------------------------- the network, from a run's layout
 
 def network_facts(layout) -> dict:
@@ -137,18 +167,25 @@ def network_facts(layout) -> dict:
     before, transition, after = layout
     size, channels, macs, field, jump = 28, 1, 0, 1, 1
     sizes = [size]
-    for c in before:
+
+    def block(spec):  # 3x3 (or depthwise 3x3 then 1x1): trims 2 pixels, widens the field by 2 steps
+        nonlocal size, channels, macs, field
         size -= 2
-        macs += size * size * channels * c * 9
-        channels, field = c, field + 2 * jump
+        if isinstance(spec, int):
+            macs += size * size * channels * spec * 9
+        else:
+            spec = spec[1]
+            macs += size * size * channels * (9 + spec)
+        channels, field = spec, field + 2 * jump
+
+    for spec in before:
+        block(spec)
     sizes.append(size)
     macs += size * size * channels * transition
     size, channels, field, jump = size // 2, transition, field + jump, jump * 2
     sizes.append(size)
-    for c in after:
-        size -= 2
-        macs += size * size * channels * c * 9
-        channels, field = c, field + 2 * jump
+    for spec in after:
+        block(spec)
     sizes.append(size)
     macs += size * size * channels * 10
     return {"sizes": sizes, "macs": macs, "field": field, "last": channels}
@@ -159,11 +196,11 @@ def render_network() -> str:
     facts = {m: network_facts(r["layout"]) for m, r in runs.items()}
     rows = [
         ["3x3 blocks before the transition"] + [
-            f"{', '.join(map(str, runs[m]['layout'][0]))} ({f['sizes'][0]} → {f['sizes'][1]} px)" for m, f in facts.items()],
+            f"{', '.join(map(block_text, runs[m]['layout'][0]))} ({f['sizes'][0]} → {f['sizes'][1]} px)" for m, f in facts.items()],
         ["transition (1x1 conv, AvgPool2d 2)"] + [
             f"→ {runs[m]['layout'][1]}, {f['sizes'][2]} px" for m, f in facts.items()],
-        ["3x3 blocks after it"] + [
-            f"{', '.join(map(str, runs[m]['layout'][2]))} ({f['sizes'][2]} → {f['sizes'][3]} px)" for m, f in facts.items()],
+        ["blocks after it (sep: depthwise-separable)"] + [
+            f"{', '.join(map(block_text, runs[m]['layout'][2]))} ({f['sizes'][2]} → {f['sizes'][3]} px)" for m, f in facts.items()],
         ["head (1x1 conv → 10, global average pool)"] + [f"{f['last']} → 10" for f in facts.values()],
         ["parameters"] + [f"**{runs[m]['parameters']:,}**" for m in facts],
         ["multiply-adds per image (forward)"] + [f"{f['macs'] / 1e6:.1f} M" for f in facts.values()],
@@ -179,7 +216,9 @@ def render_recipe() -> str:
     settings = [("epochs", "epochs"), ("batch_size", "batch"), ("lr", "peak learning rate (one cycle)"),
                 ("pct_start", "share of the run warming up"), ("momentum", "Nesterov momentum"),
                 ("weight_decay", "weight decay"), ("dropout", "dropout"), ("label_smoothing", "label smoothing"),
-                ("ema_decay", "weight average: decay per step"), ("augment", "augmentation")]
+                ("ema_decay", "weight average: decay per step"),
+                ("bn_recompute_batches", "BN statistics of the average: recomputed on N training batches"),
+                ("augment", "augmentation")]
     def shown(key, value):
         if isinstance(value, bool):
             return "on" if value else "off"
@@ -225,12 +264,13 @@ def render_summary() -> str:
                 where += f"; step: {speed_cpu}, {meta['torch_threads']} threads"
         rows.append([f"`{model}`", f"{runs[0]['parameters']:,}", runs[0]["config"]["epochs"],
                      f"**{pct(min(acc))}** / {pct(statistics.mean(acc))}",
-                     f"{statistics.mean(map(minutes, runs)):.1f}", step, where])
+                     f"**{max(map(seconds, runs)):.0f}** / {statistics.mean(map(seconds, runs)):.0f}", step, where])
     seeds = seeds_text(sets["default"])
-    header = ["model", "parameters", "epochs", f"final test accuracy, seeds {seeds}: min / mean", "minutes per run",
+    header = ["model", "parameters", "epochs", f"final test accuracy, seeds {seeds}: min / mean",
+              "seconds of training: max / mean",
               "training step, fused / stock eager", "measured on"]
     run0 = sets["default"][0]
-    note = (f"\nAccuracy and minutes: `fastmnist train --model MODEL --seed N`, fused CPU operator, torch "
+    note = (f"\nAccuracy and seconds: `fastmnist train --model MODEL --seed N`, fused CPU operator, torch "
             f"{run0['torch_version'].split('+')[0]} ([records](benchmarks/results/{SEEDS}/)). Training step: the "
             f"default model, batch {meta['batch_size']}, median step of {len(speed)} runs on "
             f"{speed_machine(meta)}, kernel path `{meta['fused_cpu_kernel_path']}`, commit {commit(meta)} "
@@ -244,29 +284,34 @@ def render_seeds(model: str, folder: str = SEEDS) -> str:
     for r in runs:
         best = max(r["epochs"], key=lambda e: e["test_acc"])
         rows.append([r["config"]["seed"], pct(r["final_test_acc"]), f"{best['epoch']} ({pct(best['test_acc'])})",
-                     f"{minutes(r):.1f}"])
+                     pct(lowest_after([r])), f"{seconds(r):.1f}"])
     acc = [100 * a for a in finals(runs)]
-    header = ["seed", f"final accuracy (epoch {runs[0]['config']['epochs']})", "best epoch (acc.)", "minutes"]
+    header = ["seed", f"final accuracy (epoch {runs[0]['config']['epochs']})", "best epoch (acc.)",
+              "lowest after epoch 2", "seconds of training"]
     note = (f"\n`--model {model}`: final accuracy min {min(acc):.2f}%, mean {statistics.mean(acc):.2f}%, "
             f"standard deviation {statistics.stdev(acc):.3f} points over {len(acc)} seeds; "
             f"{runs[0]['config']['epochs']} epochs, {runs[0]['parameters']:,} parameters, "
-            f"{statistics.mean(map(minutes, runs)):.1f} minutes per run on {machine(runs[0])}, impl "
-            f"{runs[0]['model_kwargs']['impl']}; records `benchmarks/results/{folder}/{model}/`.")
+            f"{statistics.mean(map(seconds, runs)):.0f} s of training per run (max {max(map(seconds, runs)):.0f} s) "
+            f"on {machine(runs[0])}, impl {runs[0]['model_kwargs']['impl']}; records "
+            f"`benchmarks/results/{folder}/{model}/`.")
     return table(header, rows) + "\n" + note
 
 
 def render_earlier_seeds() -> str:
     rows = []
-    for model, runs in seed_set(EARLIER_SEEDS).items():
-        acc = finals(runs)
-        rows.append([f"`{model}`", seeds_text(runs), pct(min(acc)),
-                     pct(statistics.mean(acc)), machine(runs[0]), f"`{EARLIER_SEEDS}/{model}/`"])
-    return table(["model", "seeds", "min final", "mean final", "machine", "records"], rows)
+    for folder in EARLIER_SETS:
+        for model, runs in seed_set(folder).items():
+            acc, cfg = finals(runs), runs[0]["config"]
+            rows.append([f"`{model}`", f"{runs[0]['parameters']:,}", cfg["epochs"],
+                         "recomputed" if cfg["bn_recompute_batches"] else "averaged", seeds_text(runs),
+                         pct(min(acc)), pct(statistics.mean(acc)), machine(runs[0]), f"`{folder}/{model}/`"])
+    return table(["model", "parameters", "epochs", "BN statistics", "seeds", "min final", "mean final", "machine",
+                  "records"], rows)
 
 
 def render_dips() -> str:
     rows = []
-    for folder in (SEEDS, EARLIER_SEEDS):
+    for folder in (SEEDS, *EARLIER_SETS):
         for model, runs in seed_set(folder).items():
             for r in runs:
                 ep = r["epochs"]
@@ -330,10 +375,10 @@ def ablation_folders():
 
 
 def render_ablation() -> str:
-    recipes = {m: runs[0] for m, runs in seed_set(SEEDS).items()}
+    """The variants tried before issue 22, each against the recipes of that time (EARLIER_SEEDS)."""
+    recipes = {m: runs[0] for m, runs in seed_set(EARLIER_SEEDS).items()}
     rows, machines = {m: [] for m in MODELS}, {}
-    for label, folder in (("nothing: **the recipe**", SEEDS), (f"nothing: the recipe, kernels of `{EARLIER_SEEDS[-7:]}`",
-                                                                EARLIER_SEEDS)):
+    for label, folder in ((f"nothing: the recipe of then, kernels of `{EARLIER_SEEDS[-7:]}`", EARLIER_SEEDS),):
         for model, runs in seed_set(folder).items():
             rows[model].append([f"`{model}`", label, seeds_text(runs),
                                 accuracies(runs), "", f"`{folder}/{model}/`"])
@@ -351,11 +396,31 @@ def render_ablation() -> str:
         rows[model].append([f"`{model}`", differences(runs[0], recipes[model]) or "nothing (a probe run of the recipe)",
                             seeds_text(runs), accuracies(runs), baseline,
                             f"`{folder.relative_to(RESULTS).as_posix()}/`"])
-    header = ["model", "what differs from the model's recipe", "seeds", "final accuracy",
+    header = ["model", "what differs from the model's recipe of then", "seeds", "final accuracy",
               "the recipe, same seeds and code", "runs (`benchmarks/results/`)"]
     note = "\nMachines the variants' records name: " + "; ".join(
         f"{name} (`{'/`, `'.join(sorted(folders))}/`)" for name, folders in sorted(machines.items())) + "."
     return table(header, [row for m in MODELS for row in rows[m]]) + "\n" + note
+
+
+def render_ablation_issue22() -> str:
+    """What each change of issue 22 bought, on the same seeds: ISSUE22_ABLATION's rows."""
+    rows, first = [], {}
+    for model, folder, change in ISSUE22_ABLATION:
+        runs = load_runs(RESULTS / folder)
+        acc = finals(runs)
+        first.setdefault(model, [r["config"]["seed"] for r in runs])
+        assert [r["config"]["seed"] for r in runs] == first[model], f"{folder}: not the seeds of its model's rows"
+        commits = {(RESULTS / folder / f"seed{r['config']['seed']}.commit").read_text().strip()[:7] for r in runs}
+        rows.append([f"`{model}`", change, f"{runs[0]['parameters']:,}", runs[0]["config"]["epochs"],
+                     " / ".join(f"{100 * a:.2f}" for a in acc), f"**{pct(min(acc))}**", pct(statistics.mean(acc)),
+                     pct(lowest_after(runs)), f"{statistics.mean(map(seconds, runs)):.0f}",
+                     f"{machine(runs[0]).split(', torch')[0]}, `{'`, `'.join(sorted(commits))}`", f"`{folder}/`"])
+    seeds = seeds_text(load_runs(RESULTS / ISSUE22_ABLATION[0][1]))
+    header = ["model", "change (each row adds it to the row above)", "parameters", "epochs",
+              f"final test accuracy (%), seeds {seeds}", "min", "mean", "lowest after epoch 2",
+              "seconds of training (mean)", "machine, commit", "runs (`benchmarks/results/`)"]
+    return table(header, rows)
 
 
 # ---------------------------------------------------------------- speed
@@ -456,6 +521,7 @@ TABLES = {
     "seeds-earlier": render_earlier_seeds,
     "dips": render_dips,
     "ablation": render_ablation,
+    "ablation-issue22": render_ablation_issue22,
     "ema-early": render_ema_early,
     "speed": render_speed,
     "speed-history": render_speed_history,
@@ -503,16 +569,17 @@ def plot_seeds(path=RESULTS / SEEDS / "seeds.png"):
     import matplotlib.pyplot as plt
 
     sets = seed_set(SEEDS)
+    low = min(100 * e["test_acc"] for runs in sets.values() for r in runs for e in r["epochs"])
     fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 4), sharey=True, squeeze=False)
     for ax, (name, runs) in zip(axes[0], sets.items()):
         for r in runs:
             ax.plot([e["epoch"] for e in r["epochs"]], [100 * e["test_acc"] for e in r["epochs"]], "o-", ms=3,
                     label=f"seed {r['config']['seed']}")
         ax.axhline(99.4, color="gray", ls="--", lw=1, label="99.4%")
-        ax.set(xlabel="epoch", title=f"{name}: {runs[0]['parameters']:,} parameters", ylim=(97.6, 99.8))
+        ax.set(xlabel="epoch", title=f"{name}: {runs[0]['parameters']:,} parameters", ylim=(min(99.0, low) - 0.2, 99.8))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][0].legend(fontsize=8, loc="lower left")  # clear of the epoch-7 dip
+    axes[0][0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"wrote {path.relative_to(ROOT)}")

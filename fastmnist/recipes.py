@@ -6,7 +6,9 @@ One recipe per model, in one place. docs/recipe.md gives the measurement behind 
 
 # The default network's recipe; the other models differ only where noted.
 _BASE = {
-    "epochs": 8,
+    # 4, not 8, since the BN recompute below (issue 22): seeds 10-12 ended at 99.48-99.52% after 4 epochs
+    # with it; 3 epochs ended seed 10 at 99.39% (benchmarks/results/probes-issue22/).
+    "epochs": 4,
     "batch_size": 128,
     "lr": 0.2,  # one-cycle peak
     "momentum": 0.9,  # SGD, Nesterov
@@ -17,16 +19,15 @@ _BASE = {
     "ema_decay": 0.999,  # per step; the average is what is evaluated and saved; 0 turns it off
     "augment": True,  # rotation 8 deg, scale 5%, shift 8%
     # Training batches on which the BN statistics of the averaged weights are recomputed before each
-    # evaluation and save (ema.recompute_bn_statistics); 0 keeps the averaged statistics.
-    "bn_recompute_batches": 0,
+    # evaluation and save (ema.recompute_bn_statistics); 0 keeps the averaged statistics, which belong to
+    # earlier weights and made default seed 0 dip to 97.91% after epoch 7 of 8. 50 batches take ~0.3 s.
+    "bn_recompute_batches": 50,
 }
 
 RECIPES = {
     "default": _BASE,
     "reference": {**_BASE, "epochs": 15},
     "tiny": {**_BASE, "epochs": 15},
-    "tiny4k": {**_BASE, "epochs": 15},
-    "tiny5k": {**_BASE, "epochs": 15},
 }
 
 

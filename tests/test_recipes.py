@@ -13,6 +13,13 @@ def test_every_model_has_a_recipe_that_meets_the_assignment():
     assert RECIPES["tiny"]["epochs"] <= 15
 
 
+def test_every_recipe_evaluates_and_saves_bn_statistics_of_the_weights_it_saves():
+    """The weight average's own BN statistics are stale (issue 22's dip); every recipe recomputes them
+    (tests/test_train.py checks that the recomputation makes model.pt's statistics its weights')."""
+    for name, recipe in RECIPES.items():
+        assert recipe["bn_recompute_batches"] > 0 and recipe["ema_decay"] > 0, name
+
+
 def test_each_model_gets_its_recipe_and_flags_override_it():
     for name, recipe in RECIPES.items():
         cfg = TrainConfig(model=name)
