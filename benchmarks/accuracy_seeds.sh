@@ -3,7 +3,7 @@
 # metrics:   bash benchmarks/accuracy_seeds.sh MODEL [SEEDS...]   (default seeds 0 1 2 3 4)
 # Results go to benchmarks/results/seeds/MODEL/seed<N>/ (metrics.json, curves.png), with seed<N>.log and
 # seed<N>.commit (the commit measured) beside them; benchmarks/tables.py renders them into docs/recipe.md.
-# Run nothing else CPU-heavy meanwhile: the minutes per run are part of the table.
+# Run nothing else CPU-heavy meanwhile: the seconds of training per run are part of the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:?usage: bash benchmarks/accuracy_seeds.sh MODEL [SEEDS...]}
