@@ -86,6 +86,9 @@ LAYOUTS = {
     "default": ((16, 24), 16, (24, 24, 24)),
     "reference": ((16, 16, 32), 16, (16, 16)),
     "tiny": ((8, 16), 8, (("separable", 24), ("separable", 24), ("separable", 24), ("separable", 24))),
+    # Probe candidates (issue 22): tiny's 8-channel transition widened to 16 for the same parameters.
+    "tiny16a": ((8, 16), 16, (("separable", 16), ("separable", 24), ("separable", 24), ("separable", 24))),
+    "tiny16b": ((8, 16), 16, (("separable", 24), ("separable", 24), ("separable", 24), ("separable", 16))),
 }
 
 
