@@ -30,8 +30,14 @@ The probes (`benchmarks/probes_issue22.sh` names each one's flags):
   3x3 blocks before the transition, then three (four) depthwise-separable blocks of width 24 (a stock
   depthwise 3x3 conv, then a fused 1x1 Conv-ReLU-BN), under tiny's recipe (15 epochs) with the BN recompute.
 
-What they chose (docs/recipe.md, "Issue 22"): `default-4ep-bn50` is `default`'s recipe now, the BN recompute
-every model's, and `tiny5k`'s layout is `tiny`'s (`tiny4k` was dropped: it fell to 99.14% after epoch 2).
+- `tiny16a-bn50`, `tiny16b-bn50`: tiny5k with the transition widened to 16 channels, then separable blocks
+  (16, 24, 24, 24) (`tiny16a`, 4,594 parameters) or (24, 24, 24, 16) (`tiny16b`, 4,714).
+
+`tiny5k-bn50`'s seeds 0-2 are not probe seeds: they are the record's runs of `--model tiny` while tiny had
+tiny5k's layout (commit in `seedN.commit`), set aside when they ended at 99.40-99.51%. What the probes chose
+(docs/recipe.md, "Issue 22"): `default-4ep-bn50` is `default`'s recipe now, the BN recompute every model's,
+and `tiny16b`'s layout is `tiny`'s; the other layouts are gone from `fastmnist/model.py` (each run's commit
+names the code that had them).
 """
 
 

@@ -14,9 +14,9 @@ EXTRA=${EXTRA:-}  # more flags for every run; a smoke check: OUT=/tmp/p EXTRA="-
 
 # Every flag a probe is about is given, so it means the same whatever today's recipe is (the probes
 # below, made on the recipes before issue 22, led them to 4 epochs and the BN recompute, and tiny to
-# tiny5k's layout).
-# tiny4k-bn50 and tiny5k-bn50 ran `--model tiny4k|tiny5k --bn-recompute-batches 50` at the commit in their
-# seedN.commit: tiny4k's layout (three separable blocks) is gone, tiny5k's is tiny's.
+# tiny16b's layout).
+# tiny4k-bn50, tiny5k-bn50, tiny16a-bn50 and tiny16b-bn50 ran `--model NAME --bn-recompute-batches 50` (15
+# epochs, tiny's) at the commit in their seedN.commit; those layouts are gone, but tiny16b's is tiny's.
 # The ablation of issue 22 is three of these on the record's seeds:
 #   OUT=benchmarks/results/ablation-issue22 SEEDS="0 1 2 3 4" bash benchmarks/probes_issue22.sh \
 #     default-8ep default-4ep tiny-avgbn
@@ -27,8 +27,6 @@ declare -A PROBES=(
   [default-4ep-bn50]="--model default --epochs 4 --bn-recompute-batches 50"
   [default-3ep-bn50]="--model default --epochs 3 --bn-recompute-batches 50"
   [tiny-avgbn]="--model tiny --epochs 15 --bn-recompute-batches 0"
-  [tiny16a-bn50]="--model tiny16a --epochs 15 --bn-recompute-batches 50"
-  [tiny16b-bn50]="--model tiny16b --epochs 15 --bn-recompute-batches 50"
 )
 ORDER="default-4ep-bn50 default-3ep-bn50 default-4ep default-8ep-bn50 default-8ep"
 

@@ -28,8 +28,6 @@ RECIPES = {
     "default": _BASE,
     "reference": {**_BASE, "epochs": 15},
     "tiny": {**_BASE, "epochs": 15},
-    "tiny16a": {**_BASE, "epochs": 15},
-    "tiny16b": {**_BASE, "epochs": 15},
 }
 
 
