@@ -29,6 +29,8 @@ declare -A PROBES=(
   [tiny-avgbn]="--model tiny --epochs 15 --bn-recompute-batches 0"
   [tiny-b64-bn50]="--model tiny --epochs 15 --batch-size 64 --lr 0.2 --bn-recompute-batches 50"
   [tiny-b64-lr0.1-bn50]="--model tiny --epochs 15 --batch-size 64 --lr 0.1 --bn-recompute-batches 50"
+  [tinyC-bn50]="--model tinyC --epochs 15 --bn-recompute-batches 50"
+  [tinyD-bn50]="--model tinyD --epochs 15 --bn-recompute-batches 50"
 )
 ORDER="default-4ep-bn50 default-3ep-bn50 default-4ep default-8ep-bn50 default-8ep"
 

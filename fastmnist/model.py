@@ -87,6 +87,9 @@ LAYOUTS = {
     "default": ((16, 24), 16, (24, 24, 24)),
     "reference": ((16, 16, 32), 16, (16, 16)),
     "tiny": ((8, 16), 16, (("separable", 24), ("separable", 24), ("separable", 24), ("separable", 16))),
+    # Probe candidates (issue 22): the second full-resolution block separable, width moved after the transition.
+    "tinyC": ((8, ("separable", 16)), 16, (("separable", 32), ("separable", 32), ("separable", 24), ("separable", 16))),
+    "tinyD": ((16, ("separable", 16)), 16, (("separable", 32), ("separable", 24), ("separable", 24), ("separable", 16))),
 }
 
 

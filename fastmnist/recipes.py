@@ -28,6 +28,8 @@ RECIPES = {
     "default": _BASE,
     "reference": {**_BASE, "epochs": 15},
     "tiny": {**_BASE, "epochs": 15},
+    "tinyC": {**_BASE, "epochs": 15},
+    "tinyD": {**_BASE, "epochs": 15},
 }
 
 
