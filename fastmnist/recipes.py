@@ -28,8 +28,6 @@ RECIPES = {
     "default": _BASE,
     "reference": {**_BASE, "epochs": 15},
     "tiny": {**_BASE, "epochs": 15},
-    "tinyC": {**_BASE, "epochs": 15},
-    "tinyD": {**_BASE, "epochs": 15},
 }
 
 
