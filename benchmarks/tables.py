@@ -195,11 +195,11 @@ def render_network() -> str:
     runs = {m: rs[0] for m, rs in seed_set(SEEDS).items()}
     facts = {m: network_facts(r["layout"]) for m, r in runs.items()}
     rows = [
-        ["3x3 blocks before the transition"] + [
+        ["3x3 blocks before the transition (sep: depthwise-separable)"] + [
             f"{', '.join(map(block_text, runs[m]['layout'][0]))} ({f['sizes'][0]} → {f['sizes'][1]} px)" for m, f in facts.items()],
         ["transition (1x1 conv, AvgPool2d 2)"] + [
             f"→ {runs[m]['layout'][1]}, {f['sizes'][2]} px" for m, f in facts.items()],
-        ["blocks after it (sep: depthwise-separable)"] + [
+        ["3x3 blocks after it"] + [
             f"{', '.join(map(block_text, runs[m]['layout'][2]))} ({f['sizes'][2]} → {f['sizes'][3]} px)" for m, f in facts.items()],
         ["head (1x1 conv → 10, global average pool)"] + [f"{f['last']} → 10" for f in facts.values()],
         ["parameters"] + [f"**{runs[m]['parameters']:,}**" for m in facts],
