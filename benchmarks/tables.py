@@ -40,7 +40,7 @@ ISSUE22_ABLATION = (
     ("reference", f"{PREVIOUS_SEEDS}/reference", "the recipe before issue 22: BN statistics averaged"),
     ("reference", f"{SEEDS}/reference", "BN statistics recomputed: **the recipe**"),
     ("tiny", f"{PREVIOUS_SEEDS}/tiny", "the recipe before issue 22: 3x3 blocks, BN statistics averaged"),
-    ("tiny", "ablation-issue22/tiny-avgbn", "four depthwise-separable blocks after the transition"),
+    ("tiny", "ablation-issue22/tiny-avgbn", "the separable layout: 16, sep 16 -> 16 -> sep 32, 24, 24, 16"),
     ("tiny", f"{SEEDS}/tiny", "BN statistics recomputed: **the recipe**"),
 )
 ABLATION_FOLDERS = ("recipe/*", "accuracy", "accuracy_reference_15ep_dropout0.05",
