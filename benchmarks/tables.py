@@ -12,6 +12,7 @@ Pure file reads (json, no torch): the records say which commit, CPU model and th
 and every figure rendered here carries that provenance beside it.
 """
 import difflib
+import functools
 import json
 import re
 import statistics
@@ -50,14 +51,19 @@ DIP_POINTS = 0.5  # a fall of test accuracy from one epoch to the next larger th
 
 # ---------------------------------------------------------------- reading the records
 
+@functools.lru_cache(maxsize=None)
+def _legacy() -> dict:
+    return json.loads((RESULTS / "legacy_fields.json").read_text())  # read once, not once per run loaded
+
+
 def legacy_fields() -> dict:
     """Facts that older metrics.json files predate (model name, layout, no weight average yet)."""
-    return json.loads((RESULTS / "legacy_fields.json").read_text())["folders"]
+    return _legacy()["folders"]
 
 
 def absent_settings() -> dict:
     """The value each newer setting had in the runs that predate it (no BN recompute, ...)."""
-    return json.loads((RESULTS / "legacy_fields.json").read_text())["absent_settings"]
+    return _legacy()["absent_settings"]
 
 
 def load_run(path: Path) -> dict:
@@ -143,10 +149,6 @@ def layout_text(layout) -> str:
 
 def finals(runs) -> list:
     return [r["final_test_acc"] for r in runs]
-
-
-def minutes(run) -> float:
-    return run["total_train_seconds"] / 60
 
 
 def seconds(run) -> float:
