@@ -29,15 +29,18 @@ The probes (`benchmarks/probes_issue22.sh` names each one's flags):
 - `tiny4k-bn50`, `tiny5k-bn50`: the layouts `tiny4k` (3,746 parameters) and `tiny5k` (4,610), tiny's two
   3x3 blocks before the transition, then three (four) depthwise-separable blocks of width 24 (a stock
   depthwise 3x3 conv, then a fused 1x1 Conv-ReLU-BN), under tiny's recipe (15 epochs) with the BN recompute.
-
 - `tiny16a-bn50`, `tiny16b-bn50`: tiny5k with the transition widened to 16 channels, then separable blocks
   (16, 24, 24, 24) (`tiny16a`, 4,594 parameters) or (24, 24, 24, 16) (`tiny16b`, 4,714).
+- `tiny-b64-bn50`, `tiny-b64-lr0.1-bn50`: `tiny16b` (tiny's layout then) at batch 64, peak rate 0.2 or 0.1.
+- `tinyC-bn50`, `tinyD-bn50`: the second full-resolution block separable, the width moved after the transition:
+  (8, sep 16) -> 16 -> sep (32, 32, 24, 16) (`tinyC`, 4,722) and (16, sep 16) -> 16 -> sep (32, 24, 24, 16)
+  (`tinyD`, 4,474).
 
-`tiny5k-bn50`'s seeds 0-2 are not probe seeds: they are the record's runs of `--model tiny` while tiny had
-tiny5k's layout (commit in `seedN.commit`), set aside when they ended at 99.40-99.51%. What the probes chose
-(docs/recipe.md, "Issue 22"): `default-4ep-bn50` is `default`'s recipe now, the BN recompute every model's,
-and `tiny16b`'s layout is `tiny`'s; the other layouts are gone from `fastmnist/model.py` (each run's commit
-names the code that had them).
+Seeds 0-4 of `tiny5k-bn50` and `tiny16b-bn50` are not probe seeds: they are the record's runs of `--model tiny`
+while tiny had those layouts (commit in `seedN.commit`), set aside when they ended at 99.40-99.51% and
+99.37-99.52%. What the probes chose (docs/recipe.md, "Issue 22"): `default-4ep-bn50` is `default`'s recipe
+now, the BN recompute every model's, and `tinyD`'s layout is `tiny`'s; the other layouts are gone from
+`fastmnist/model.py` (each run's commit names the code that had them).
 """
 
 
